@@ -1,0 +1,356 @@
+"""Experiment configuration: one dataclass per section, loaded from YAML.
+
+An experiment is a YAML file with the sections `data`, `model`, `train` and
+`decode`. Every field has a type and a default here, and only here. Command-line
+overrides use dotted paths (`train.lr=5e-4`); their values are parsed as YAML
+scalars. Unknown keys and wrongly typed values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mt.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    # Local parallel text: `{local_dir}/{stem}.{lang}` or `.gz`, one sentence per line.
+    # Used when the directory exists; otherwise the hub data set below is loaded.
+    local_dir: str | None = None
+    # Our split name -> file stem in local_dir (e.g. valid: val).
+    local_splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "valid": "valid", "test": "test"}
+    )
+    # Hugging Face hub data set; rows have a `translation` column ({lang: text})
+    # or one column per language.
+    hub: str | None = None
+    hub_config: str | None = None
+    # Our split name -> hub split name.
+    hub_splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "valid": "validation", "test": "test"}
+    )
+    # Where the encoded corpus is cached; empty means data/prepared/<config name>.
+    prepared_dir: str = ""
+    # Use only the first N training pairs (0 = all); for tests and quick experiments.
+    max_train_pairs: int = 0
+    # Cleaning, training split only: pairs longer than this many subword tokens on
+    # either side, or whose token-length ratio exceeds max_ratio, are dropped.
+    max_len: int = 200
+    max_ratio: float = 3.0
+    # SentencePiece.
+    spm_type: Literal["unigram", "bpe"] = "unigram"
+    joint_vocab: bool = True
+    vocab_size: int = 8000
+    character_coverage: float = 1.0
+    spm_max_sentences: int = 1_000_000
+    num_proc: int = 2
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    heads: int = 4
+    ffn_dim: int = 1024
+    layers: int = 3  # encoder layers
+    decoder_layers: int = 0  # 0 = same as layers
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    activation: Literal["relu", "gelu"] = "relu"
+    pre_norm: bool = True
+    learned_positions: bool = False
+    tie_embeddings: bool = True
+    max_positions: int = 1024
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1
+    lr: float = 5e-4
+    schedule: Literal["inverse_sqrt", "noam"] = "inverse_sqrt"
+    warmup_steps: int = 4000
+    warmup_init_lr: float = 1e-7
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0  # 0 = no clipping
+    label_smoothing: float = 0.1
+    max_tokens: int = 4096  # per batch, max(src, tgt) tokens including padding
+    accum_steps: int = 1
+    max_steps: int = 0  # 0 = no limit
+    max_epochs: int = 0  # 0 = no limit
+    max_minutes: float = 0.0  # 0 = no limit
+    valid_every: int = 1000  # steps; validation also runs at each epoch end
+    valid_bleu: bool = True  # greedy-decode the validation split for BLEU/chrF
+    best_metric: Literal["bleu", "chrf", "loss"] = "bleu"
+    patience: int = 0  # validations without improvement before stopping; 0 = never
+    keep_last: int = 0  # keep this many step checkpoints for averaging
+    log_every: int = 50
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+    compile: bool = False
+    out_dir: str = ""  # empty means runs/<config name>
+
+
+@dataclass
+class DecodeConfig:
+    beam: int = 5
+    nbest: int = 1
+    max_len_a: float = 1.2  # max output length = a * src_len + b
+    max_len_b: int = 10
+    min_len: int = 1
+    # fairseq: score / len**alpha;  gnmt: score / ((5 + len) / 6)**alpha.
+    length_penalty: Literal["fairseq", "gnmt"] = "fairseq"
+    alpha: float = 1.0
+    max_tokens: int = 4096  # source tokens per translation batch
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    # Not a YAML key: the experiment's name, taken from the config file's stem.
+    # Relative paths in a config are relative to the working directory.
+    name: str = "experiment"
+
+    @property
+    def prepared_dir(self) -> Path:
+        return Path(self.data.prepared_dir or f"data/prepared/{self.name}")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.train.out_dir or f"runs/{self.name}")
+
+
+SECTIONS = ("data", "model", "train", "decode")
+
+
+# --------------------------------------------------------------------------- types
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: {value!r} is not a valid value; expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise bad
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for section in SECTIONS:
+        cls = type(getattr(Config(), section))
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _set(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    full = f"{section}.{key}"
+    if section not in SECTIONS:
+        raise ConfigError(
+            f"{where}unknown config section '{section}'{_suggest(section, list(SECTIONS))}; "
+            f"sections are {', '.join(SECTIONS)}"
+        )
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        raise ConfigError(f"{where}unknown config key '{full}'{_suggest(full, _all_keys())}")
+    setattr(obj, key, _coerce(value, hints[key], f"{where}{full}"))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    d, m, t, dec = cfg.data, cfg.model, cfg.train, cfg.decode
+    _check(bool(d.src_lang) and bool(d.tgt_lang), "data.src_lang", "languages must be set")
+    _check(d.src_lang != d.tgt_lang, "data.tgt_lang", "must differ from data.src_lang")
+    _check(d.local_dir is not None or d.hub is not None, "data", "set data.local_dir or data.hub")
+    _check("train" in d.local_splits or "train" in d.hub_splits, "data", "no 'train' split")
+    _check(d.max_train_pairs >= 0, "data.max_train_pairs", "must be >= 0")
+    _check(d.max_len >= 1, "data.max_len", f"must be >= 1, got {d.max_len}")
+    _check(d.max_ratio >= 1.0, "data.max_ratio", f"must be >= 1, got {d.max_ratio}")
+    _check(d.vocab_size >= 16, "data.vocab_size", f"must be >= 16, got {d.vocab_size}")
+    _check(0 < d.character_coverage <= 1, "data.character_coverage", "must be in (0, 1]")
+    _check(d.spm_max_sentences >= 1, "data.spm_max_sentences", "must be >= 1")
+    _check(d.num_proc >= 1, "data.num_proc", "must be >= 1")
+
+    _check(m.d_model >= 1, "model.d_model", "must be >= 1")
+    _check(m.heads >= 1, "model.heads", "must be >= 1")
+    _check(m.d_model % m.heads == 0, "model.heads", f"d_model {m.d_model} is not divisible by {m.heads}")
+    _check(m.ffn_dim >= 1, "model.ffn_dim", "must be >= 1")
+    _check(m.layers >= 1, "model.layers", "must be >= 1")
+    _check(m.decoder_layers >= 0, "model.decoder_layers", "must be >= 0")
+    for k in ("dropout", "attention_dropout", "activation_dropout"):
+        v = getattr(m, k)
+        _check(0.0 <= v < 1.0, f"model.{k}", f"must be in [0, 1), got {v}")
+    _check(m.max_positions > d.max_len, "model.max_positions", f"must exceed data.max_len ({d.max_len})")
+
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two values in [0, 1)")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(t.clip_norm >= 0, "train.clip_norm", "must be >= 0")
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    _check(
+        t.max_tokens >= d.max_len + 1,
+        "train.max_tokens",
+        f"{t.max_tokens} is smaller than the longest allowed sentence "
+        f"(data.max_len {d.max_len} + 1 for end-of-sentence)",
+    )
+    _check(t.accum_steps >= 1, "train.accum_steps", "must be >= 1")
+    for k in ("max_steps", "max_epochs", "valid_every", "patience", "keep_last", "threads"):
+        _check(getattr(t, k) >= 0, f"train.{k}", "must be >= 0")
+    _check(t.max_minutes >= 0, "train.max_minutes", "must be >= 0")
+    _check(t.log_every >= 1, "train.log_every", "must be >= 1")
+
+    _check(dec.beam >= 1, "decode.beam", f"must be >= 1, got {dec.beam}")
+    _check(1 <= dec.nbest <= dec.beam, "decode.nbest", f"must be in [1, beam={dec.beam}]")
+    _check(dec.max_len_a >= 0 and dec.max_len_b >= 0, "decode.max_len_a", "must be >= 0")
+    _check(dec.min_len >= 0, "decode.min_len", "must be >= 0")
+    _check(dec.alpha >= 0, "decode.alpha", "must be >= 0")
+    _check(dec.max_tokens >= 1, "decode.max_tokens", "must be >= 1")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(arg: str) -> tuple[str, str, Any]:
+    """'train.lr=5e-4' -> ('train', 'lr', 0.0005). The value is read as a YAML scalar."""
+    if "=" not in arg:
+        raise ConfigError(f"override '{arg}' is not of the form section.key=value")
+    path, raw = arg.split("=", 1)
+    if path.count(".") != 1:
+        raise ConfigError(f"override '{arg}': key must be section.key, e.g. train.lr=5e-4")
+    section, key = path.split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{arg}': cannot parse value: {e}") from None
+    return section, key, value
+
+
+def from_dict(raw: dict[str, Any], where: str = "") -> Config:
+    cfg = Config()
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            _set(cfg, str(section), "", None, where)  # raises the unknown-section error
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}section '{section}' must be a mapping of keys to values")
+        for key, value in values.items():
+            _set(cfg, section, str(key), value, where)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML experiment file and apply `section.key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    cfg = from_dict(raw, where=f"{path}: ")
+    for arg in overrides:
+        section, key, value = parse_override(arg)
+        _set(cfg, section, key, value, where="command line: ")
+    cfg.name = path.stem
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The YAML-able sections of a config (without the name)."""
+    return {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config, so a run can be reproduced from what it wrote."""
+    Path(path).write_text(
+        f"# resolved config of '{cfg.name}'\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False),
+        encoding="utf-8",
+    )
