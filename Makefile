@@ -1,0 +1,56 @@
+# mt: prepare, train, translate, evaluate.  `make train` and `make test` are all a new user needs.
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# The CPU build of torch installs from a local file here in seconds; on a GPU machine use
+# e.g. `make setup TORCH=torch` to keep or pull a CUDA build.
+TORCH   ?= torch==2.13.0
+CONFIG  ?= configs/multi30k_de_en.yaml
+# Set to use a Multi30k copy elsewhere than the config's data.local_dir.
+MULTI30K ?=
+NPROC   ?= 1
+ARGS    ?=
+INPUT   ?=
+OUTPUT  ?=
+RUN_DIR ?= runs/$(basename $(notdir $(CONFIG)))
+CKPT    ?= $(RUN_DIR)/checkpoint_best.pt
+
+CONFIG_ARGS := $(if $(MULTI30K),data.local_dir=$(MULTI30K)) $(ARGS)
+TRAIN_CMD := $(if $(filter 1,$(NPROC)),$(BIN)/mt,$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m mt)
+
+.PHONY: setup data train translate evaluate test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev,plot]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(BIN)/mt prepare $(CONFIG) $(CONFIG_ARGS)
+
+train: data
+	$(TRAIN_CMD) train $(CONFIG) $(CONFIG_ARGS)
+
+translate: setup
+	$(BIN)/mt translate --checkpoint $(CKPT) $(if $(INPUT),--input $(INPUT)) $(if $(OUTPUT),--output $(OUTPUT))
+
+evaluate: setup
+	$(BIN)/mt evaluate $(CONFIG) $(CONFIG_ARGS) --split test
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check mt tests scripts
+
+bench: data
+	$(BIN)/python scripts/bench_prepare.py
+	$(BIN)/python scripts/bench_train.py $(CONFIG) $(CONFIG_ARGS)
+	$(BIN)/python scripts/bench_decode.py $(CONFIG) $(CONFIG_ARGS)
+
+clean:
+	rm -rf data/prepared runs

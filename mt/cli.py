@@ -1,0 +1,146 @@
+"""The `mt` command: prepare, train, translate, evaluate, average.
+
+Errors a user can fix (`MTError`) are printed as one line without a traceback
+and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mt.errors import MTError
+
+OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.lr=5e-4 model.layers=4"
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from mt.config import load_config
+    from mt.prepare import prepare
+
+    prepare(load_config(args.config, args.overrides), force=args.force)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from mt.config import load_config
+    from mt.trainer import train
+
+    train(load_config(args.config, args.overrides))
+
+
+def _cmd_translate(args: argparse.Namespace) -> None:
+    from mt.translate import translate_cli
+
+    translate_cli(args)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from mt.evaluate import evaluate_cli
+
+    evaluate_cli(args)
+
+
+def _cmd_average(args: argparse.Namespace) -> None:
+    from mt.average import average_checkpoints
+
+    average_checkpoints(args.checkpoints, args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mt", description="Machine translation: prepare data, train, translate, evaluate."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser(
+        "prepare",
+        help="clean, learn subwords and cache the corpus of an experiment",
+        description="Load the corpus (local files or the Hugging Face hub), clean the training split, "
+        "train SentencePiece and cache the encoded splits under data/prepared/<config name>. "
+        "Does nothing when the cache is up to date.",
+    )
+    q.add_argument("config", help="experiment YAML file, e.g. configs/multi30k_de_en.yaml")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    q.add_argument("--force", action="store_true", help="prepare again even if the cache is up to date")
+    q.set_defaults(func=_cmd_prepare)
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (resumes from checkpoint_last.pt in the output directory)",
+        description="Train the experiment's Transformer. Prepares the data first if needed. Running the "
+        "same command again on an output directory with checkpoint_last.pt resumes exactly. "
+        "Multi-GPU: torchrun --nproc_per_node N -m mt train CONFIG.",
+    )
+    t.add_argument("config", help="experiment YAML file")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser(
+        "translate",
+        help="translate text with a checkpoint, one line in, one line out",
+        description="Translate raw text, one sentence per line: N lines in, N lines out, in order. "
+        "Reads stdin and writes stdout unless --input/--output are given.",
+    )
+    r.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    r.add_argument("--input", help="input text file (default: stdin)")
+    r.add_argument("--output", help="output file, written atomically (default: stdout)")
+    r.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's decode.beam)")
+    r.add_argument("--nbest", type=int, default=1, help="print the K best, tab-separated with scores")
+    r.add_argument("--max-tokens", type=int, help="source tokens per batch (default: decode.max_tokens)")
+    r.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    r.add_argument(
+        "--errors", choices=["strict", "replace"], default="strict",
+        help="undecodable UTF-8 input: stop with an error (strict) or replace the bad bytes",
+    )
+    r.set_defaults(func=_cmd_translate)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="translate a test set and score it with sacreBLEU (BLEU, chrF)",
+        description="Either `mt evaluate CONFIG [--split test]` (the experiment's best checkpoint on a "
+        "prepared split) or `mt evaluate --checkpoint CK --src FILE --ref FILE`. Writes hypotheses and "
+        "a JSON of the scores next to the checkpoint.",
+    )
+    e.add_argument("config", nargs="?", help="experiment YAML file")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    e.add_argument("--checkpoint", help="checkpoint (default: <out_dir>/checkpoint_best.pt)")
+    e.add_argument("--split", default="test", help="prepared split to score (default: test)")
+    e.add_argument("--src", help="source text file")
+    e.add_argument("--ref", help="reference text file")
+    e.add_argument("--beam", type=int, help="beam size (default: the config's decode.beam)")
+    e.add_argument("--max-tokens", type=int, help="source tokens per batch")
+    e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    e.set_defaults(func=_cmd_evaluate)
+
+    a = sub.add_parser(
+        "average",
+        help="average the weights of several checkpoints",
+        description="Average model weights of checkpoints of one run (a standard gain of about half a "
+        "BLEU point). The output keeps the first checkpoint's config and vocabulary.",
+    )
+    a.add_argument("--output", required=True, help="averaged checkpoint to write")
+    a.add_argument("checkpoints", nargs="+", help="checkpoints to average")
+    a.set_defaults(func=_cmd_average)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MTError as e:
+        print(f"mt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); silence the flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import pytest
+
+from mt.config import Config, load_config, parse_override, save_config, to_dict
+from mt.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_load():
+    for name in ("multi30k_de_en", "iwslt2017_de_en", "tiny"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.name == name
+    iwslt = load_config(REPO / "configs" / "iwslt2017_de_en.yaml")
+    assert (iwslt.model.layers, iwslt.model.d_model, iwslt.model.heads, iwslt.model.ffn_dim) == (6, 512, 4, 1024)
+    assert iwslt.model.dropout == 0.3 and iwslt.train.max_tokens == 4096
+
+
+def test_configs_begin_with_their_command():
+    for p in (REPO / "configs").glob("*.yaml"):
+        head = p.read_text().splitlines()[:4]
+        assert head[0].startswith("#") and any("Run:" in line for line in head), p
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = write(tmp_path, "data:\n  local_dir: x\ntrain:\n  lr: 1.0e-3\n")
+    cfg = load_config(p, ["train.lr=5e-4", "model.layers=4", "model.pre_norm=false", "data.hub=foo/bar"])
+    assert cfg.train.lr == 5e-4
+    assert cfg.model.layers == 4
+    assert cfg.model.pre_norm is False
+    assert cfg.data.hub == "foo/bar"
+    assert cfg.train.warmup_steps == Config().train.warmup_steps  # untouched default
+    assert cfg.prepared_dir == Path("data/prepared/exp") and cfg.out_dir == Path("runs/exp")
+
+
+def test_int_widens_to_float_and_dicts(tmp_path):
+    p = write(tmp_path, "data:\n  local_dir: x\n  local_splits: {train: tr, valid: va}\ntrain:\n  lr: 1\n")
+    cfg = load_config(p)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.data.local_splits == {"train": "tr", "valid": "va"}
+
+
+@pytest.mark.parametrize(
+    "text, override, message",
+    [
+        ("train:\n  lrr: 1\n", None, "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("trian:\n  lr: 1\n", None, "unknown config section 'trian' (did you mean 'train'?)"),
+        ("", "model.layer=2", "did you mean 'model.layers'"),
+        ("", "model.layers=two", "model.layers: 'two' is not a valid value; expected int"),
+        ("", "model.pre_norm=3", "expected bool"),
+        ("", "train.precision=fp8", "expected one of 'auto', 'fp32', 'bf16', 'fp16'"),
+        ("", "train.betas=0.9", "train.betas"),
+        ("", "lr=1", "must be section.key"),
+        ("", "train.lr", "not of the form section.key=value"),
+        ("model: [1, 2]\n", None, "section 'model' must be a mapping"),
+        ("", "model.dropout=-0.1", "model.dropout: must be in [0, 1)"),
+        ("", "decode.beam=0", "decode.beam: must be >= 1"),
+        ("", "train.warmup_steps=-5", "train.warmup_steps: must be >= 0"),
+        ("", "train.max_tokens=50", "smaller than the longest allowed sentence"),
+        ("", "model.heads=3", "not divisible"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, text, override, message):
+    p = write(tmp_path, "data:\n  local_dir: x\n" + text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, [override] if override else [])
+    assert message in str(e.value)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = write(tmp_path, "data: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = write(tmp_path, "- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(listy)
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    p = write(tmp_path, "data:\n  local_dir: x\n")
+    cfg = load_config(p, ["train.lr=7e-4", "model.activation=gelu"])
+    out = tmp_path / "configs" / "exp.yaml"
+    out.parent.mkdir()
+    save_config(cfg, out)
+    again = load_config(out)
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_parse_override_reads_yaml_scalars():
+    assert parse_override("train.betas=[0.9, 0.99]") == ("train", "betas", [0.9, 0.99])
+    assert parse_override("data.hub=null") == ("data", "hub", None)
+    assert parse_override("data.src_lang=de") == ("data", "src_lang", "de")

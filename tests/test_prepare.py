@@ -1,0 +1,235 @@
+import gzip
+import json
+import os
+
+import datasets
+import numpy as np
+import pytest
+from conftest import corpus_config, make_corpus, synthetic_pairs, write_lines
+
+from mt.config import load_config
+from mt.dataset import load_prepared
+from mt.errors import DataError
+from mt.prepare import prepare
+
+
+def _prepare(tmp_path, corpus, *overrides):
+    cfg = load_config(corpus_config(tmp_path, corpus), list(overrides))
+    return cfg, prepare(cfg, quiet=True)
+
+
+def test_prepare_writes_cache_and_is_idempotent(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "corpus")
+    cfg, out = _prepare(tmp_path, corpus)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["train"]["read"] == 400
+    assert meta["splits"]["valid"]["kept"] == 30 and meta["splits"]["test"]["kept"] == 30
+    assert (out / "config.yaml").exists() and (out / "spm.src.model").exists()
+
+    data = load_prepared(out)
+    train = data.split("train")
+    assert len(train) == meta["splits"]["train"]["kept"]
+    assert train.src_lens.sum() == meta["splits"]["train"]["src_tokens"]
+    # The cached ids are exactly what the tokenizer gives for the text.
+    src, _ = synthetic_pairs(400, 0)
+    assert train.src(0).tolist() == data.tokenizer.encode_src([src[0]])[0]
+
+    mtime = (out / "meta.json").stat().st_mtime_ns
+    prepare(cfg)
+    assert "up to date" in capsys.readouterr().out
+    assert (out / "meta.json").stat().st_mtime_ns == mtime
+    assert not list(out.parent.glob(".*tmp*")), "no temporary directories left behind"
+
+
+def test_changed_setting_or_input_prepares_again(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    _, out = _prepare(tmp_path, corpus)
+    fp1 = json.loads((out / "meta.json").read_text())["fingerprint"]
+    _, out = _prepare(tmp_path, corpus, "data.vocab_size=50")
+    fp2 = json.loads((out / "meta.json").read_text())["fingerprint"]
+    assert fp1 != fp2
+    src, tgt = synthetic_pairs(100, 7)
+    write_lines(corpus / "train.de", src, gz=True)
+    write_lines(corpus / "train.en", tgt, gz=True)
+    os.utime(corpus / "train.de.gz", ns=(1, 1))  # a different mtime even on coarse clocks
+    _, out = _prepare(tmp_path, corpus, "data.vocab_size=50")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["fingerprint"] != fp2 and meta["splits"]["train"]["read"] == 100
+
+
+def test_valid_and_test_keep_every_line_in_order(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    src, tgt = synthetic_pairs(20, 3)
+    src[3], tgt[3] = "", ""  # empty pair
+    src[5], tgt[5] = "   ", "\t"  # whitespace only
+    src[8] = " ".join(["hund"] * 300)  # far over max_len
+    tgt[11] = "ein"  # extreme length ratio
+    src[11] = "der mann sitzt im park mit dem ball und dem roten hund auf der katze"
+    write_lines(corpus / "val.de", src, gz=True)
+    write_lines(corpus / "val.en", tgt, gz=True)
+    _, out = _prepare(tmp_path, corpus)
+    data = load_prepared(out)
+    valid = data.split("valid")
+    assert len(valid) == 20
+    assert data.text("valid", "src") == [s.strip() for s in src]
+    assert data.text("valid", "tgt") == [t.strip() for t in tgt]
+    assert valid.src_lens[3] == 0 and valid.src_lens[8] >= 300
+    for i in range(20):
+        assert data.tokenizer.tgt.decode(valid.tgt(i).tolist()) == data.tokenizer.tgt.decode(
+            data.tokenizer.encode_tgt([tgt[i].strip()])[0]
+        )
+
+
+def test_training_split_cleaning_is_counted(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    src, tgt = synthetic_pairs(50, 4)
+    src[0] = ""  # empty
+    tgt[1] = "  "  # empty after strip
+    src[2] = " ".join(["katze"] * 200)  # too long
+    tgt[2] = " ".join(["cat"] * 200)
+    src[3] = "der mann sitzt im park mit dem ball und dem roten hund auf der katze im park"
+    tgt[3] = "a"  # ratio
+    write_lines(corpus / "train.de", src, gz=True)
+    write_lines(corpus / "train.en", tgt, gz=True)
+    _, out = _prepare(tmp_path, corpus)
+    st = json.loads((out / "meta.json").read_text())["splits"]["train"]
+    assert st["read"] == 50
+    assert st["dropped"] == {"empty": 2, "too_long": 1, "ratio": 1}
+    assert st["kept"] == 46
+
+
+def test_plain_text_files_and_bom(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", gz=False)
+    src, tgt = synthetic_pairs(30, 1)
+    (corpus / "val.de").write_bytes(("\ufeff" + "\n".join(src) + "\n").encode())
+    _, out = _prepare(tmp_path, corpus)
+    assert load_prepared(out).text("valid", "src")[0] == src[0]
+
+
+def test_max_train_pairs_takes_a_slice(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    _, out = _prepare(tmp_path, corpus, "data.max_train_pairs=100")
+    assert json.loads((out / "meta.json").read_text())["splits"]["train"]["read"] == 100
+
+
+def test_separate_vocabularies_and_bpe(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    _, out = _prepare(tmp_path, corpus, "data.joint_vocab=false", "data.spm_type=bpe", "data.vocab_size=50")
+    data = load_prepared(out)
+    assert not data.tokenizer.joint
+    assert data.tokenizer.src.id_to_piece(3) == "</s>" and data.tokenizer.src.pad_id() == 0
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _expect_error(tmp_path, corpus, match, old=None):
+    cfg = load_config(corpus_config(tmp_path, corpus))
+    with pytest.raises(DataError, match=match):
+        prepare(cfg, quiet=True)
+    assert not list(cfg.prepared_dir.parent.glob(".*tmp*")), "no half-written cache"
+    if old is not None:
+        assert json.loads((cfg.prepared_dir / "meta.json").read_text())["fingerprint"] == old
+
+
+def test_missing_file_is_named(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    (corpus / "test.en.gz").unlink()
+    _expect_error(tmp_path, corpus, r"missing corpus file: .*test\.en")
+
+
+def test_mismatched_line_counts_name_both_files(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    _, out = _prepare(tmp_path, corpus)
+    old = json.loads((out / "meta.json").read_text())["fingerprint"]
+    src, _ = synthetic_pairs(29, 1)
+    write_lines(corpus / "val.de", src, gz=True)
+    _expect_error(tmp_path, corpus, r"val\.de\.gz has 29 lines but .*val\.en\.gz has 30", old=old)
+
+
+def test_bad_utf8_names_file_and_line(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    src, _ = synthetic_pairs(400, 0)
+    data = ("\n".join(src[:6]) + "\n").encode() + b"caf\xe9 au lait\n" + ("\n".join(src[7:]) + "\n").encode()
+    with gzip.open(corpus / "train.de.gz", "wb") as f:
+        f.write(data)
+    _expect_error(tmp_path, corpus, r"train\.de\.gz:7: not valid UTF-8")
+
+
+def test_nothing_left_after_cleaning(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    write_lines(corpus / "train.de", ["", " ", "x"], gz=True)
+    write_lines(corpus / "train.en", ["a", "b", ""], gz=True)
+    _expect_error(tmp_path, corpus, "nothing left")
+
+
+def test_empty_split_is_an_error(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    write_lines(corpus / "test.de", [], gz=True)
+    write_lines(corpus / "test.en", [], gz=True)
+    _expect_error(tmp_path, corpus, "split 'test' is empty")
+
+
+def test_failure_keeps_previous_cache(tmp_path, monkeypatch):
+    corpus = make_corpus(tmp_path / "corpus")
+    cfg, out = _prepare(tmp_path, corpus)
+    old = json.loads((out / "meta.json").read_text())["fingerprint"]
+    import mt.prepare as prep
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(prep, "_write_arrays", boom)
+    cfg2 = load_config(corpus_config(tmp_path, corpus), ["data.vocab_size=50"])
+    with pytest.raises(RuntimeError):
+        prepare(cfg2, quiet=True)
+    assert json.loads((out / "meta.json").read_text())["fingerprint"] == old
+    assert not list(out.parent.glob(".*tmp*"))
+
+
+# --------------------------------------------------------------------------- the hub path
+
+
+def _hub_layout(root, translation_column=True):
+    """A data set directory laid out as on the hub: one JSON-lines file per split."""
+    root.mkdir(parents=True)
+    for split, n, seed in (("train", 300, 0), ("validation", 20, 1), ("test", 20, 2)):
+        src, tgt = synthetic_pairs(n, seed)
+        with open(root / f"{split}.jsonl", "w") as f:
+            for s, t in zip(src, tgt):
+                row = {"translation": {"de": s, "en": t}} if translation_column else {"de": s, "en": t}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("translation_column", [True, False])
+def test_hub_path_through_datasets(tmp_path, translation_column):
+    hub = _hub_layout(tmp_path / "hub", translation_column)
+    cfg = load_config(
+        corpus_config(tmp_path, tmp_path / "missing"),
+        [f"data.hub={hub}", "data.local_dir=null"],
+    )
+    out = prepare(cfg, quiet=True)
+    data = load_prepared(out)
+    assert len(data.split("train")) == 300
+    assert data.text("valid", "tgt") == synthetic_pairs(20, 1)[1]
+    assert data.text("test", "src") == synthetic_pairs(20, 2)[0]
+
+
+def test_hub_unreachable_is_a_clear_error(tmp_path):
+    cfg = load_config(
+        corpus_config(tmp_path, tmp_path / "missing"),
+        ["data.hub=nobody/no-such-dataset-xyz", "data.local_dir=null"],
+    )
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(DataError, match="cannot load 'nobody/no-such-dataset-xyz'"):
+        prepare(cfg, quiet=True)
+
+
+def test_arrays_are_compact_and_memory_mapped(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    _, out = _prepare(tmp_path, corpus)
+    train = load_prepared(out).split("train")
+    assert train.src_ids.dtype == np.uint16 and isinstance(train.src_ids, np.memmap)
+    assert train.src_idx[0] == 0 and np.all(np.diff(train.src_idx) >= 0)
+    assert datasets.__version__  # prepared through datasets
