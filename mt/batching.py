@@ -1,0 +1,236 @@
+"""Token-budget batching: which sentence pairs go together, and the padded tensors.
+
+`TokenBatcher` decides batch membership from sentence lengths alone; `make_batch`
+turns the chosen pairs into padded id tensors.
+
+Resuming: `TokenBatcher.epoch_batches(epoch)` is a pure function of
+(seed, epoch, lengths, max_tokens, rank, world_size) and the batcher holds no other
+state. A trainer resumes mid-epoch by saving (epoch, position of the next batch within
+that epoch's list) and, after restarting, iterating `epoch_batches(epoch)[position:]`.
+Nothing about the batcher needs to go into a checkpoint beyond those two ints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mt.special import BOS, EOS, PAD
+
+
+@dataclass(eq=False)  # tensor fields make == ambiguous; compare by identity
+class Batch:
+    src: torch.Tensor  # (B, S) int64: source ids + EOS, right-padded with PAD
+    tgt_in: torch.Tensor  # (B, T) int64: BOS + target ids, right-padded
+    tgt_out: torch.Tensor  # (B, T) int64: target ids + EOS, right-padded
+    indices: torch.Tensor  # (B,) int64: index of each pair in its split, on the CPU
+    # Token counts are cached as Python ints, so that reading them after the batch
+    # has been moved to a GPU does not force a device synchronisation.
+    _n_src: int | None = field(default=None, repr=False, compare=False)
+    _n_tgt: int | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def n_src_tokens(self) -> int:
+        """Non-pad source tokens (EOS included)."""
+        if self._n_src is None:
+            self._n_src = int((self.src != PAD).sum())
+        return self._n_src
+
+    @property
+    def n_tgt_tokens(self) -> int:
+        """Non-pad tokens in tgt_out (EOS included): the number of tokens the loss is summed over."""
+        if self._n_tgt is None:
+            self._n_tgt = int((self.tgt_out != PAD).sum())
+        return self._n_tgt
+
+    def __len__(self) -> int:
+        return self.src.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Move the id tensors to `device`. `indices` stays on the CPU: it is only used
+        for bookkeeping (putting translations back in corpus order), where a device copy
+        would just cost synchronisations."""
+        return Batch(
+            src=self.src.to(device, non_blocking=non_blocking),
+            tgt_in=self.tgt_in.to(device, non_blocking=non_blocking),
+            tgt_out=self.tgt_out.to(device, non_blocking=non_blocking),
+            indices=self.indices,
+            _n_src=self.n_src_tokens,
+            _n_tgt=self.n_tgt_tokens,
+        )
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copy, so that `to(cuda, non_blocking=True)` is truly asynchronous.
+
+        Without an accelerator, pinning is impossible and pointless; the batch is
+        returned unchanged rather than raising, so callers need no device check.
+        """
+        if not torch.cuda.is_available():
+            return self
+        return Batch(
+            src=self.src.pin_memory(),
+            tgt_in=self.tgt_in.pin_memory(),
+            tgt_out=self.tgt_out.pin_memory(),
+            indices=self.indices,
+            _n_src=self.n_src_tokens,
+            _n_tgt=self.n_tgt_tokens,
+        )
+
+
+def _fill(seqs: list[np.ndarray], lens: np.ndarray, width: int, offset: int) -> np.ndarray:
+    """(B, width) PAD array with seqs[i] written at columns offset .. offset+lens[i]-1.
+
+    A boolean mask selects those cells in row-major order, which is exactly the order
+    of the concatenated sequences, so one vectorised assignment fills the whole batch.
+    """
+    out = np.full((len(seqs), width), PAD, dtype=np.int64)
+    cols = np.arange(width)
+    mask = (cols >= offset) & (cols < offset + lens[:, None])
+    out[mask] = np.concatenate(seqs)
+    return out
+
+
+def make_batch(
+    src_seqs: list[np.ndarray], tgt_seqs: list[np.ndarray], indices: np.ndarray | list[int]
+) -> Batch:
+    """Padded tensors for the given raw id sequences (no special tokens in the input)."""
+    if not src_seqs or len(src_seqs) != len(tgt_seqs) or len(src_seqs) != len(indices):
+        raise ValueError(
+            f"make_batch needs equally many (>0) sources, targets and indices, "
+            f"got {len(src_seqs)}, {len(tgt_seqs)}, {len(indices)}"
+        )
+    rows = np.arange(len(src_seqs))
+    src_lens = np.fromiter((len(s) for s in src_seqs), dtype=np.int64, count=len(src_seqs))
+    tgt_lens = np.fromiter((len(t) for t in tgt_seqs), dtype=np.int64, count=len(tgt_seqs))
+    s_width, t_width = int(src_lens.max()) + 1, int(tgt_lens.max()) + 1
+
+    src = _fill(src_seqs, src_lens, s_width, offset=0)
+    src[rows, src_lens] = EOS
+    tgt_in = _fill(tgt_seqs, tgt_lens, t_width, offset=1)
+    tgt_in[:, 0] = BOS
+    tgt_out = _fill(tgt_seqs, tgt_lens, t_width, offset=0)
+    tgt_out[rows, tgt_lens] = EOS
+
+    return Batch(
+        src=torch.from_numpy(src),
+        tgt_in=torch.from_numpy(tgt_in),
+        tgt_out=torch.from_numpy(tgt_out),
+        indices=torch.as_tensor(np.asarray(indices, dtype=np.int64)),
+        _n_src=int(src_lens.sum()) + len(src_seqs),
+        _n_tgt=int(tgt_lens.sum()) + len(tgt_seqs),
+    )
+
+
+class TokenBatcher:
+    """Groups sentence pairs into batches of at most `max_tokens` padded tokens.
+
+    A pair's size is max(src_len + 1, tgt_len + 1) (the +1 is EOS, or BOS on the decoder
+    input); a batch costs n_pairs * (largest size in it), i.e. padding is counted, and
+    never exceeds `max_tokens`.
+
+    Each epoch (fairseq's recipe): shuffle the pairs, stable-sort them by
+    (size, tgt_len, src_len), so that equal lengths keep the random order, cut the
+    sorted list greedily into the largest batches that fit, then shuffle the batch
+    order. Sorting globally keeps padding minimal; the random tie-break gives different
+    batch contents each epoch. With shuffle=False (validation) the pairs are sorted
+    with ties in corpus order and the batches come shortest first.
+
+    Because the cut points depend only on the sorted sizes, the number of batches is
+    the same in every epoch.
+
+    Distributed: every rank builds the same global list; rank r takes batches
+    r, r + world_size, ... The list is first padded by repeating batches from its
+    start, so all ranks get the same number of batches (a few pairs are then seen
+    twice in that epoch; for validation, dedupe by `Batch.indices` or score on one rank).
+    """
+
+    def __init__(
+        self,
+        src_lens: np.ndarray,
+        tgt_lens: np.ndarray,
+        max_tokens: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        src_lens = np.asarray(src_lens, dtype=np.int64)
+        tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
+        if src_lens.ndim != 1 or src_lens.shape != tgt_lens.shape:
+            raise ValueError(
+                f"src_lens {src_lens.shape} and tgt_lens {tgt_lens.shape} must be equal-length 1-D"
+            )
+        if len(src_lens) and min(src_lens.min(), tgt_lens.min()) < 0:
+            raise ValueError("sentence lengths must be >= 0")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")  # numpy seed sequences need it
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+
+        self.src_lens, self.tgt_lens = src_lens, tgt_lens
+        self.sizes = np.maximum(src_lens, tgt_lens) + 1
+        too_long = np.flatnonzero(self.sizes > max_tokens)
+        if len(too_long):
+            i = int(too_long[0])
+            raise ValueError(
+                f"pair {i} (src_len {src_lens[i]}, tgt_len {tgt_lens[i]}) needs {self.sizes[i]} tokens, "
+                f"more than max_tokens={max_tokens}; {len(too_long)} pair(s) are too long"
+            )
+        self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self._bounds = self._cut(np.sort(self.sizes))
+
+    def _cut(self, sorted_sizes: np.ndarray) -> np.ndarray:
+        """Start offsets of the batches (plus the end) for ascending sizes.
+
+        A batch starting at i with k pairs costs k * sorted_sizes[i + k - 1], which grows
+        with k, so the pairs that fit form a prefix of the window of at most
+        max_tokens // sorted_sizes[i] pairs: one vectorised test per batch.
+        """
+        n, i, bounds = len(sorted_sizes), 0, [0]
+        while i < n:
+            window = sorted_sizes[i : i + self.max_tokens // int(sorted_sizes[i])]
+            k = int(np.count_nonzero(np.arange(1, len(window) + 1) * window <= self.max_tokens))
+            i += k
+            bounds.append(i)
+        return np.asarray(bounds, dtype=np.int64)
+
+    def _global_batches(self, epoch: int) -> list[np.ndarray]:
+        n = len(self.sizes)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])  # independent stream per (seed, epoch)
+            order = rng.permutation(n)
+        else:
+            order = np.arange(n)
+        # lexsort is stable and sorts by its last key first: size, then tgt, then src.
+        keys = (self.src_lens[order], self.tgt_lens[order], self.sizes[order])
+        order = order[np.lexsort(keys)]
+        batches = [order[a:b] for a, b in zip(self._bounds[:-1], self._bounds[1:], strict=True)]
+        if self.shuffle:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        return batches
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches for `epoch`, each an int64 array of pair indices.
+
+        Deterministic for (seed, epoch); see the module docstring for resuming.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        batches = self._global_batches(epoch)
+        if self.world_size > 1 and batches:
+            total = -(-len(batches) // self.world_size) * self.world_size
+            batches = [batches[j % len(batches)] for j in range(total)]
+        return batches[self.rank :: self.world_size]
+
+    def num_batches(self, epoch: int = 0) -> int:
+        """len(epoch_batches(epoch)) without building them; the same for every epoch."""
+        n = len(self._bounds) - 1
+        return -(-n // self.world_size)
+
+    def __len__(self) -> int:
+        return self.num_batches()

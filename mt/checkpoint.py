@@ -1,0 +1,209 @@
+"""Checkpoint files: atomic saving, safe loading, RNG state capture, pruning.
+
+A checkpoint is a dict saved with `torch.save` and loaded with `weights_only=True`, so
+loading a file never runs code from it. That restricts what a state may contain to
+plain data: tensors, dict/OrderedDict, list, tuple, str, int, float, bool, None, bytes,
+complex, torch.Size/dtype/device. Bytes are accepted by torch's weights-only loader,
+so e.g. a SentencePiece model proto can be stored as raw `bytes`. NumPy arrays and
+scalars are not plain data (np.float64 even passes isinstance(x, float)), so
+`save_checkpoint` checks the state first and names the offending key.
+
+`save_checkpoint` adds two keys, `"format": "mt-checkpoint"` and `"version"`, by which
+`load_checkpoint` recognises our files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mt.errors import CheckpointError
+
+FORMAT = "mt-checkpoint"
+VERSION = 1
+
+# Exact types (not subclasses: numpy scalars and namedtuples subclass these but are
+# rejected by the weights-only unpickler).
+_CONTAINERS = (dict, OrderedDict, list, tuple)
+_LEAVES = (
+    str,
+    int,
+    float,
+    bool,
+    type(None),
+    bytes,
+    bytearray,
+    complex,
+    torch.Size,
+    torch.dtype,
+    torch.device,
+)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    if isinstance(obj, torch.Tensor) or type(obj) in _LEAVES:
+        return
+    if type(obj) not in _CONTAINERS:
+        raise TypeError(
+            f"checkpoint state {where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+            f"torch.load(weights_only=True) cannot read; convert it to a tensor or plain Python data"
+        )
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_plain(key, f"{where} key {key!r}")
+            _check_plain(value, f"{where}[{key!r}]")
+    else:
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+
+
+def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
+    """Write `state` to `path` atomically: readers see the old file or the complete new one.
+
+    Writes `<name>.tmp-<pid>` in the same directory (os.replace is atomic only within a
+    file system), fsyncs it, renames it over `path`, then fsyncs the directory so the
+    rename itself survives a crash. I/O failures (unwritable or missing directory, disk
+    full) raise CheckpointError; the temp file is removed and an existing checkpoint at
+    `path` is left untouched. A state holding non-plain data raises TypeError (a bug).
+    """
+    path = Path(path)
+    if state.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"the 'format' key is reserved for {FORMAT!r}, got {state['format']!r}")
+    # A loaded checkpoint already has format/version keys: re-saving it (e.g. after
+    # averaging) stamps it with the current version.
+    body = {k: v for k, v in state.items() if k not in ("format", "version")}
+    full = {"format": FORMAT, "version": VERSION, **body}
+    _check_plain(full, "state")
+
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(full, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # also on Ctrl-C: never leave a half-written temp file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports I/O errors as RuntimeError
+            raise CheckpointError(f"cannot save checkpoint {path}: {e}") from e
+        raise
+
+    # Some file systems refuse fsync on a directory; the file is complete either way.
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint`; anything else raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch reports bad files as RuntimeError, UnpicklingError, KeyError, ...
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: truncated, corrupt, or not a plain-data PyTorch file "
+            f"({type(e).__name__}: {first_line})"
+        ) from e
+    if (
+        not isinstance(state, dict)
+        or state.get("format") != FORMAT
+        or not isinstance(state.get("version"), int)
+    ):
+        raise CheckpointError(f"{path} is a PyTorch file but not an mt checkpoint (no 'format': '{FORMAT}')")
+    if state["version"] > VERSION:
+        raise CheckpointError(
+            f"{path} is checkpoint version {state['version']}; this code reads up to version {VERSION}"
+        )
+    return state
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """The Python, NumPy (global), torch CPU and CUDA generator states, as plain data."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured.
+
+    CUDA states are restored for the devices that exist now (a run resumed on fewer
+    GPUs restores a prefix). Generator states must be CPU byte tensors, so states
+    loaded with map_location="cuda" are moved back first.
+    """
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+
+
+# --------------------------------------------------------------------------- step checkpoints
+
+_STEP_NAME = re.compile(r"checkpoint_step(\d+)\.pt")
+
+
+def step_checkpoint_path(out_dir: Path | str, step: int) -> Path:
+    return Path(out_dir) / f"checkpoint_step{step}.pt"
+
+
+def step_checkpoints(out_dir: Path | str) -> list[tuple[int, Path]]:
+    """(step, path) of the `checkpoint_step{N}.pt` files in out_dir, oldest step first."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for p in out_dir.iterdir():
+        m = _STEP_NAME.fullmatch(p.name)  # fullmatch: skips `.tmp-<pid>` files mid-save
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def keep_last(out_dir: Path | str, k: int) -> list[Path]:
+    """Delete all but the k highest-step `checkpoint_step{N}.pt` files; return the deleted paths.
+
+    k = 0 deletes them all. Other files (checkpoint_best.pt, checkpoint_last.pt, ...) are
+    never touched.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    found = step_checkpoints(out_dir)
+    doomed = [p for _, p in found[: max(len(found) - k, 0)]]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
