@@ -110,7 +110,9 @@ def _sample_sentences(train: datasets.Dataset, cfg: DataConfig, sides: tuple[str
             yield from (s for s in batch[side] if s)
 
 
-def _write_arrays(ds: datasets.Dataset, out: Path, split: str, dtype: np.dtype) -> dict[str, int]:
+def _write_arrays(
+    ds: datasets.Dataset, out: Path, split: str, dtype: np.dtype, progress: bool = True
+) -> dict[str, int]:
     """Stream the id lists of a split into flat memory-mapped arrays plus offsets."""
     n = len(ds)
     tokens = {}
@@ -126,7 +128,7 @@ def _write_arrays(ds: datasets.Dataset, out: Path, split: str, dtype: np.dtype) 
             pos += len(lens)
         ids = np.lib.format.open_memmap(out / f"{split}.{side}.npy", "w+", dtype, (max(total, 1),))
         start = 0
-        bar = tqdm(total=n, desc=f"writing {split}.{side}", unit="sent", leave=False)
+        bar = tqdm(total=n, desc=f"writing {split}.{side}", unit="sent", leave=False, disable=not progress)
         for table in col.iter(batch_size=50_000):
             chunked = table.column(0)
             values = pa.concat_arrays([c.flatten() for c in chunked.chunks]) if chunked.num_chunks else []
@@ -207,7 +209,7 @@ def prepare(cfg: Config, force: bool = False, quiet: bool = False) -> Path:
     if quiet:
         datasets.disable_progress_bars()
     try:
-        meta = _prepare_into(cfg, tmp, scratch, fp, say)
+        meta = _prepare_into(cfg, tmp, scratch, fp, say, progress=not quiet)
         shutil.rmtree(scratch)
         meta["seconds"] = round(time.time() - t0, 2)
         (tmp / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -222,7 +224,9 @@ def prepare(cfg: Config, force: bool = False, quiet: bool = False) -> Path:
     return out
 
 
-def _prepare_into(cfg: Config, tmp: Path, scratch: Path, fp: str, say: Any) -> dict[str, Any]:
+def _prepare_into(
+    cfg: Config, tmp: Path, scratch: Path, fp: str, say: Any, progress: bool
+) -> dict[str, Any]:
     d = cfg.data
     splits = sources.split_names(d)
     if "train" not in splits:
@@ -298,7 +302,7 @@ def _prepare_into(cfg: Config, tmp: Path, scratch: Path, fp: str, say: Any) -> d
                     f"training split: nothing left after cleaning (dropped {drops}); "
                     f"check data.max_len ({d.max_len}) and data.max_ratio ({d.max_ratio})"
                 )
-        tokens = _write_arrays(enc, tmp, s, dtype)
+        tokens = _write_arrays(enc, tmp, s, dtype, progress)
         if s != "train":  # the raw text, for scoring against real references
             _write_text(ds, tmp, s)
         stats[s].update(kept=len(enc), src_tokens=tokens["src"], tgt_tokens=tokens["tgt"])

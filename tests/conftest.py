@@ -73,6 +73,7 @@ def corpus_config(tmp_path: Path, corpus: Path, **extra: object) -> Path:
         f"log_every: 1, out_dir: {tmp_path / 'run'}}}",
         "decode: {beam: 2, max_len_b: 5}",
     ]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "exp.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path

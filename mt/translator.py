@@ -1,0 +1,172 @@
+"""Translating with a trained model: the Python API and the batching behind the CLI.
+
+    from mt import Translator
+    tr = Translator.from_checkpoint("runs/multi30k_de_en/checkpoint_best.pt")
+    tr.translate(["Ein Hund läuft im Park."], beam=5)        # -> ["A dog runs in the park."]
+    tr.translate_nbest(["Ein Hund läuft."], beam=5, nbest=3)   # -> [[(text, score), ...]]
+
+Sentences are sorted by length and cut into batches of at most `max_tokens`
+padded source tokens, then put back in input order, so one call with many
+sentences is fast and its output is aligned with its input line for line.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mt.checkpoint import load_checkpoint
+from mt.config import Config, DecodeConfig, from_dict
+from mt.errors import CheckpointError
+from mt.model import Transformer
+from mt.search import Hypothesis, beam_search, greedy
+from mt.special import EOS, PAD
+from mt.tokenizer import Tokenizer
+
+
+def pick_device(name: str | None) -> torch.device:
+    """'auto'/None -> cuda when available, else cpu."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _pad(seqs: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """Source ids + EOS, right-padded: (B, S)."""
+    width = max(len(s) for s in seqs) + 1
+    out = np.full((len(seqs), width), PAD, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+        out[i, len(s)] = EOS
+    return torch.from_numpy(out).to(device)
+
+
+def _length_batches(lengths: np.ndarray, max_tokens: int, max_sentences: int = 512) -> list[np.ndarray]:
+    """Indices sorted by length, cut so that n * (longest + 1) <= max_tokens."""
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while (
+            end < len(order)
+            and end - start < max_sentences
+            and (end - start + 1) * (lengths[order[end]] + 1) <= max_tokens
+        ):
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
+@torch.inference_mode()
+def translate_ids(
+    model: Transformer,
+    seqs: Sequence[np.ndarray],
+    decode: DecodeConfig,
+    *,
+    beam: int | None = None,
+    nbest: int = 1,
+    max_tokens: int | None = None,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> list[list[Hypothesis]]:
+    """Translate token-id sequences (no specials); returns nbest hypotheses per input, in order.
+
+    beam 1 with nbest 1 runs greedy search (its hypotheses carry the model's log-probability).
+    """
+    beam = decode.beam if beam is None else beam
+    device = device or next(model.parameters()).device
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    results: list[list[Hypothesis]] = [[] for _ in seqs]
+    batches = _length_batches(lengths, max_tokens or decode.max_tokens)
+    bar = tqdm(total=len(seqs), desc="translating", unit="sent", disable=not progress, file=sys.stderr)
+    for idx in batches:
+        src = _pad([np.asarray(seqs[i]) for i in idx], device)
+        if beam == 1 and nbest == 1:
+            outs = greedy(model, src, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b,
+                          min_len=decode.min_len)
+            hyps = [[Hypothesis(tokens=o, score=float("nan"), logprob=float("nan"))] for o in outs]
+        else:
+            hyps = beam_search(
+                model, src, beam=beam, nbest=nbest, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b,
+                min_len=decode.min_len, length_penalty=decode.length_penalty, alpha=decode.alpha,
+            )
+        for i, h in zip(idx, hyps):
+            results[i] = h
+        bar.update(len(idx))
+    bar.close()
+    return results
+
+
+class Translator:
+    """A model, its tokenizer and decoding settings: everything needed to translate text."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: Config, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = device
+        # Positions beyond the model's table cannot be encoded: longer inputs are truncated.
+        self.max_src_len = config.model.max_positions - 1
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> Translator:
+        dev = device if isinstance(device, torch.device) else pick_device(device)
+        ck = load_checkpoint(path)
+        try:
+            cfg = from_dict(ck["config"])
+            cfg.name = ck.get("name", cfg.name)
+            tok = Tokenizer(ck["spm_src"], ck["spm_tgt"])
+            model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size)
+            model.load_state_dict(ck["model"])
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: checkpoint is incomplete or does not match the model: {e}") from None
+        return cls(model, tok, cfg, dev)
+
+    def _encode(self, lines: Sequence[str], numbers: Sequence[int]) -> list[np.ndarray]:
+        """Token ids of `lines`; `numbers` are their 1-based line numbers, for the warning."""
+        ids = self.tokenizer.encode_src([line.strip() for line in lines])
+        out = []
+        for n, s in zip(numbers, ids, strict=True):
+            if len(s) > self.max_src_len:
+                print(
+                    f"mt: warning: input line {n} has {len(s)} tokens; translating its first "
+                    f"{self.max_src_len} (the model's maximum)",
+                    file=sys.stderr,
+                )
+                s = s[: self.max_src_len]
+            out.append(np.asarray(s, dtype=np.int64))
+        return out
+
+    def translate_nbest(
+        self,
+        lines: Sequence[str],
+        beam: int | None = None,
+        nbest: int = 1,
+        max_tokens: int | None = None,
+        progress: bool = False,
+    ) -> list[list[tuple[str, float]]]:
+        """The nbest (text, score) pairs per line, best first; an empty line gives [('', 0.0)]."""
+        beam = max(self.config.decode.beam if beam is None else beam, nbest)
+        keep = [i for i, line in enumerate(lines) if line.strip()]
+        seqs = self._encode([lines[i] for i in keep], [i + 1 for i in keep])
+        hyps = translate_ids(
+            self.model, seqs, self.config.decode, beam=beam, nbest=nbest, max_tokens=max_tokens,
+            device=self.device, progress=progress,
+        )
+        out: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
+        for i, hs in zip(keep, hyps):
+            texts = self.tokenizer.decode_tgt([h.tokens for h in hs])
+            out[i] = [(t, h.score) for t, h in zip(texts, hs)]
+        return out
+
+    def translate(
+        self, lines: Sequence[str], beam: int | None = None, max_tokens: int | None = None, progress: bool = False
+    ) -> list[str]:
+        """One translation per line, in order; empty or blank lines give empty strings."""
+        return [h[0][0] for h in self.translate_nbest(lines, beam, 1, max_tokens, progress)]
