@@ -1,0 +1,336 @@
+"""`mt translate`: N lines in, N lines out, whatever the lines contain; atomic output.
+
+Also home of `build_checkpoint`, the tiny trained checkpoint the translate, evaluate
+and average tests share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, synthetic_pairs
+
+from mt.checkpoint import save_checkpoint
+from mt.cli import main
+from mt.config import Config, DataConfig, DecodeConfig, ModelConfig, to_dict
+from mt.errors import DataError
+from mt.model import Transformer
+from mt.special import BOS, EOS, PAD
+from mt.tokenizer import Tokenizer, train_spm
+from mt.translate import decode_lines, format_nbest, one_line
+from mt.translator import Translator
+
+# --------------------------------------------------------------------------- a tiny checkpoint
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: a 16-wide model is all overhead, and on a busy 2-core machine
+    a second thread makes these tests about ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_spm() -> bytes:
+    src, tgt = synthetic_pairs(200, seed=0)
+    return train_spm(src + tgt, DataConfig(vocab_size=60, num_proc=1))
+
+
+def tiny_config(**model: object) -> Config:
+    cfg = Config(name="tiny")
+    cfg.data.max_len = 40
+    # max_positions small, so that a 2,000-token line really is over the model's limit.
+    cfg.model = ModelConfig(d_model=16, heads=2, ffn_dim=32, layers=1, dropout=0.0, max_positions=64)
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    cfg.decode = DecodeConfig(beam=2, max_len_b=5)
+    return cfg
+
+
+def _batch(tok: Tokenizer, src: list[str], tgt: list[str]) -> tuple[torch.Tensor, ...]:
+    def pad(rows: list[list[int]]) -> torch.Tensor:
+        out = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r)
+        return out
+
+    s = [ids + [EOS] for ids in tok.encode_src(src)]
+    t = tok.encode_tgt(tgt)
+    return pad(s), pad([[BOS] + ids for ids in t]), pad([ids + [EOS] for ids in t])
+
+
+def build_checkpoint(
+    path: Path,
+    cfg: Config | None = None,
+    src_proto: bytes | None = None,
+    tgt_proto: bytes | None = None,
+    steps: int = 40,
+    seed: int = 0,
+) -> Path:
+    """Save a checkpoint as the trainer writes it: a tiny model, trained `steps` steps on synthetic pairs."""
+    cfg = cfg or tiny_config()
+    src_proto = src_proto or tiny_spm()
+    tgt_proto = tgt_proto or src_proto
+    tok = Tokenizer(src_proto, tgt_proto)
+    torch.manual_seed(seed)
+    model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    src, tgt = synthetic_pairs(32, seed=seed)
+    batch = _batch(tok, src, tgt)
+    model.train()
+    with one_thread():
+        for _ in range(steps):  # enough for outputs that depend on the input
+            logits = model(batch[0], batch[1])
+            loss = F.cross_entropy(logits.flatten(0, 1), batch[2].flatten(), ignore_index=PAD)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    state = {
+        "config": to_dict(cfg),
+        "name": cfg.name,
+        "spm_src": src_proto,
+        "spm_tgt": tgt_proto,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "state": {"step": steps},
+    }
+    save_checkpoint(path, state)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def translator(checkpoint: Path) -> Translator:
+    return Translator.from_checkpoint(checkpoint, "cpu")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], checkpoint: Path, *argv: str) -> tuple[int, str, str]:
+    rc = main(["translate", "--checkpoint", str(checkpoint), *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+SRC, _ = synthetic_pairs(12, seed=5)
+
+
+# --------------------------------------------------------------------------- line splitting
+
+
+def test_decode_lines_splits_on_newline_only():
+    assert decode_lines(b"", "x") == []
+    assert decode_lines(b"\n", "x") == [""]
+    assert decode_lines(b"a\nb", "x") == ["a", "b"]  # no final newline
+    assert decode_lines(b"a\nb\n", "x") == ["a", "b"]
+    assert decode_lines(b"a\r\n\r\nb\r\n", "x") == ["a", "", "b"]
+    odd = "a\x0bb\x0cc\x1cd\x1de\x1ef\x85g\u2028h\u2029i"
+    assert decode_lines((odd + "\n" + odd).encode(), "x") == [odd, odd]
+    assert decode_lines("\ufeffa\n".encode(), "x") == ["a"]
+
+
+def test_decode_lines_names_the_bad_line():
+    with pytest.raises(DataError, match=r"in\.txt: line 3 is not valid UTF-8 \(byte 0xff at byte 2"):
+        decode_lines(b"ok\nfine\nx\xffy\n", "in.txt")
+    assert decode_lines(b"ok\nx\xffy", "in.txt", errors="replace") == ["ok", "x\ufffdy"]
+
+
+def test_output_lines_never_break():
+    assert one_line("a\nb\r\nc\rd") == "a b c d"
+    assert format_nbest([("a\tb", -1.0), ("c\nd", -2.5)], 2) == "a b\t-1.0000\tc d\t-2.5000"
+    assert format_nbest([("x\ny", -1.0)], 1) == "x y"
+
+
+# --------------------------------------------------------------------------- N in, N out
+
+
+def test_n_lines_in_n_lines_out(tmp_path, capsys, checkpoint, translator):
+    lines = [SRC[0], "", "   \t ", SRC[1], "der\x0bhund", "die katze\u2028läuft", "ein\x1cball", SRC[2]]
+    # CRLF line ends and no final newline.
+    inp = write(tmp_path / "in.txt", "\r\n".join(lines).encode())
+    rc, out, err = run_cli(capsys, checkpoint, "--input", str(inp), "--beam", "2")
+    assert rc == 0, err
+    assert out.endswith("\n")
+    got = out.split("\n")[:-1]
+    assert len(got) == len(lines)
+    assert got[1] == "" and got[2] == ""
+    assert all(got[i] for i in (0, 3, 7))  # a trained model says something for real sentences
+    # The CLI and the API agree line for line.
+    assert got == translator.translate(lines, beam=2)
+
+
+def test_long_line_is_truncated_with_a_warning_not_dropped(tmp_path, capsys, checkpoint):
+    long = " ".join(["hund katze"] * 1000)  # 2,000 words, far beyond max_positions 64
+    inp = write(tmp_path / "in.txt", f"{SRC[0]}\n\n{long}\n{SRC[1]}\n".encode())
+    rc, out, err = run_cli(capsys, checkpoint, "--input", str(inp), "--beam", "1")
+    assert rc == 0, err
+    assert len(out.split("\n")) == 5  # 4 lines + the final newline
+    m = re.search(r"input line 3 has (\d+) tokens; translating its first 63", err)
+    assert m and int(m.group(1)) >= 2000
+
+
+@pytest.mark.xfail(reason="mt/search.py lets the output run past model.max_positions (max_lengths is "
+                   "not capped), so a model that does not stop crashes", strict=False)
+@pytest.mark.parametrize("beam", ["1", "2"])
+def test_long_line_with_a_model_that_never_stops(tmp_path, capsys, beam):
+    # An untrained model rarely says EOS: its output reaches the length limit,
+    # 1.2 * 64 + 5 tokens for a truncated source, more than the 64 positions it has.
+    ck = build_checkpoint(tmp_path / "untrained.pt", steps=0)
+    inp = write(tmp_path / "in.txt", (" ".join(["hund katze"] * 1000) + "\n").encode())
+    rc, out, err = run_cli(capsys, ck, "--input", str(inp), "--beam", beam)
+    assert rc == 0, err
+    assert out.count("\n") == 1
+
+
+def test_empty_input_gives_empty_output(tmp_path, capsys, checkpoint):
+    inp = write(tmp_path / "in.txt", b"")
+    out_path = tmp_path / "out.txt"
+    rc, out, err = run_cli(capsys, checkpoint, "--input", str(inp), "--output", str(out_path))
+    assert rc == 0, err
+    assert out == "" and out_path.read_bytes() == b""
+
+
+def test_bad_utf8_strict_names_the_line_replace_goes_on(tmp_path, capsys, checkpoint):
+    inp = write(tmp_path / "in.txt", f"{SRC[0]}\n".encode() + b"ein \xff hund\n" + f"{SRC[1]}\n".encode())
+    rc, out, err = run_cli(capsys, checkpoint, "--input", str(inp))
+    assert rc == 2 and out == ""
+    assert f"{inp}: line 2 is not valid UTF-8" in err and "--errors replace" in err
+
+    rc, out, err = run_cli(capsys, checkpoint, "--input", str(inp), "--errors", "replace")
+    assert rc == 0, err
+    assert len(out.split("\n")) == 4
+
+
+def test_batch_size_does_not_change_the_output(tmp_path, capsys, checkpoint):
+    src, _ = synthetic_pairs(16, seed=9)
+    inp = write(tmp_path / "in.txt", "".join(s + "\n" for s in src).encode())
+    for beam in ("1", "2"):
+        outs = []
+        for max_tokens in ("16", "100000"):  # batches of one or two sentences vs. one batch
+            rc, out, err = run_cli(
+                capsys, checkpoint, "--input", str(inp), "--beam", beam,
+                "--max-tokens", max_tokens,
+            )
+            assert rc == 0, err
+            outs.append(out)
+        assert outs[0] == outs[1]
+        assert len(outs[0].split("\n")) == 17
+
+
+def test_nbest_gives_one_line_of_pairs_per_input_line(tmp_path, capsys, checkpoint, translator):
+    lines = [SRC[0], "", SRC[1]]
+    inp = write(tmp_path / "in.txt", "\n".join(lines).encode())
+    rc, out, err = run_cli(
+        capsys, checkpoint, "--input", str(inp), "--nbest", "2", "--beam", "3"
+    )
+    assert rc == 0, err
+    got = out.split("\n")[:-1]
+    assert len(got) == 3 and got[1] == ""
+    for line, src in zip([got[0], got[2]], [SRC[0], SRC[1]], strict=True):
+        fields = line.split("\t")
+        assert len(fields) == 4
+        scores = [float(fields[1]), float(fields[3])]
+        assert scores[0] >= scores[1]  # best first
+        assert fields[0] == translator.translate_nbest([src], beam=3, nbest=2)[0][0][0]
+
+
+def test_options_and_paths_are_checked(tmp_path, capsys, checkpoint):
+    inp = write(tmp_path / "in.txt", b"ein hund\n")
+    rc, _, err = run_cli(capsys, checkpoint, "--input", str(inp), "--beam", "0")
+    assert rc == 2 and "--beam must be >= 1" in err
+    rc, _, err = run_cli(capsys, tmp_path / "nope.pt", "--input", str(inp))
+    assert rc == 2 and "nope.pt" in err
+    rc, _, err = run_cli(capsys, checkpoint, "--input", str(tmp_path / "missing.txt"))
+    assert rc == 2 and "missing.txt" in err
+    bad_out = tmp_path / "no" / "such" / "dir" / "out.txt"
+    rc, _, err = run_cli(capsys, checkpoint, "--input", str(inp), "--output", str(bad_out))
+    assert rc == 2 and str(bad_out) in err
+    rc, _, err = run_cli(capsys, checkpoint, "--input", str(inp), "--output", str(tmp_path))
+    assert rc == 2 and "is a directory" in err
+
+
+# --------------------------------------------------------------------------- atomic output
+
+
+def test_output_is_written_atomically(tmp_path, capsys, checkpoint, monkeypatch):
+    inp = write(tmp_path / "in.txt", "".join(s + "\n" for s in SRC).encode())
+    out_path = write(tmp_path / "out.txt", b"precious\n")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("decoder exploded")
+
+    with monkeypatch.context() as m:
+        m.setattr(Translator, "translate_nbest", boom)
+        with pytest.raises(RuntimeError, match="decoder exploded"):
+            run_cli(capsys, checkpoint, "--input", str(inp), "--output", str(out_path))
+    assert out_path.read_bytes() == b"precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]  # no temp file left
+
+    rc, out, err = run_cli(capsys, checkpoint, "--input", str(inp), "--output", str(out_path))
+    assert rc == 0 and out == "", err
+    assert len(out_path.read_text(encoding="utf-8").split("\n")) == len(SRC) + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
+
+
+# --------------------------------------------------------------------------- stdin and stdout
+
+
+class _Terminal:
+    """A stdin that says it is a terminal, with lines already typed."""
+
+    def __init__(self, data: bytes) -> None:
+        self.buffer = io.BytesIO(data)
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_interactive_prompt_translates_each_line(capsys, monkeypatch, checkpoint, translator):
+    monkeypatch.setattr(sys, "stdin", _Terminal(f"{SRC[0]}\n\n{SRC[1]}\n".encode()))
+    rc, out, err = run_cli(capsys, checkpoint, "--beam", "2")
+    assert rc == 0, err
+    assert out.split("\n")[:-1] == translator.translate([SRC[0], "", SRC[1]], beam=2)
+    assert "> " in err
+
+
+def test_subprocess_reads_stdin_and_writes_stdout(checkpoint, translator):
+    lines = [SRC[0], "", "die\u2028katze", SRC[3]]
+    data = ("\r\n".join(lines)).encode()  # CRLF, no final newline
+    proc = subprocess.run(
+        [sys.executable, "-m", "mt", "translate", "--checkpoint", str(checkpoint), "--beam", "2",
+         "--device", "cpu"],
+        input=data, capture_output=True, cwd=REPO, timeout=120,
+        # Our output is UTF-8 whatever the locale says; one thread as in _one_thread.
+        env={**os.environ, "PYTHONIOENCODING": "ascii", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode("utf-8").split("\n")[:-1] == translator.translate(lines, beam=2)
