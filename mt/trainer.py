@@ -153,6 +153,8 @@ class Trainer:
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
         self.model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size).to(self.device)
+        # Every rank starts from the same weights, but each draws its own dropout masks.
+        torch.manual_seed(t.seed + 1000 * self.dist.rank)
         self.optimizer = _optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState()
@@ -190,7 +192,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint_state(self, metrics: dict[str, Any] | None) -> dict[str, Any]:
+    def _checkpoint_state(self, metrics: dict[str, Any] | None, rngs: list[Any]) -> dict[str, Any]:
         tok = self.data.tokenizer
         return {
             "name": self.cfg.name,
@@ -201,15 +203,17 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "state": asdict(self.state),
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,  # each rank's own dropout stream, for exact multi-process resume
             "metrics": metrics or {},
             "world_size": self.dist.world_size,
         }
 
     def save(self, metrics: dict[str, Any] | None = None, best: bool = False) -> None:
-        """Write checkpoint_last (and best / step copies) atomically; rank 0 only."""
+        """Write checkpoint_last (and best / step copies) atomically; rank 0 writes."""
+        rngs = self.dist.gather(rng_state())
         if self.dist.is_main:
-            state = self._checkpoint_state(metrics)
+            state = self._checkpoint_state(metrics, rngs)
             save_checkpoint(self.last_path, state)
             if best:
                 save_checkpoint(self.best_path, state)
@@ -234,7 +238,7 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
         self.state = TrainState(**ck["state"])
-        set_rng_state(ck["rng"])
+        set_rng_state(ck["rng_ranks"][self.dist.rank])
         if self.dist.is_main:
             print(f"mt train: resuming from {self.last_path} at step {self.state.step}, epoch {self.state.epoch}")
 
