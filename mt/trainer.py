@@ -171,6 +171,9 @@ class Trainer:
         self.dist.barrier()
 
         self.ddp = self.dist.wrap(self.model)
+        if t.compile:
+            # Batch shapes vary from step to step; dynamic shapes avoid a recompile for each.
+            self.ddp = torch.compile(self.ddp, dynamic=True)
         try:
             self.batcher = TokenBatcher(
                 self.train_split.src_lens, self.train_split.tgt_lens, t.max_tokens, t.seed,
@@ -260,6 +263,8 @@ class Trainer:
         loss_total = torch.zeros((), device=self.device)
         nll_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
+            if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+                batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=True)
             sync = i == len(batches) - 1
             with self.dist.no_sync(self.ddp, sync), self._autocast():
