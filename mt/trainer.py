@@ -108,8 +108,17 @@ def _collate(split: PreparedSplit, idx: np.ndarray) -> Batch:
     return make_batch([split.src(i) for i in idx], [split.tgt(i) for i in idx], idx)
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line torn by a crash mid-write."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsLog:
-    """metrics.jsonl in the run directory; on resume, lines past the checkpoint are dropped."""
+    """metrics.jsonl in the run directory; on resume, lines past the checkpoint (and lines
+    torn by a crash) are dropped."""
 
     def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
@@ -121,7 +130,7 @@ class MetricsLog:
             kept = [
                 line
                 for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
+                if (step := _step_of(line)) is not None and step <= resume_step
             ]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
@@ -213,15 +222,20 @@ class Trainer:
         }
 
     def save(self, metrics: dict[str, Any] | None = None, best: bool = False) -> None:
-        """Write checkpoint_last (and best / step copies) atomically; rank 0 writes."""
+        """Write checkpoint_last (and best / step copies) atomically; rank 0 writes.
+
+        checkpoint_last is written last: a crash before it is complete resumes from the
+        previous one and redoes this save, so no best or step checkpoint is ever lost.
+        """
         rngs = self.dist.gather(rng_state())
         if self.dist.is_main:
             state = self._checkpoint_state(metrics, rngs)
-            save_checkpoint(self.last_path, state)
             if best:
                 save_checkpoint(self.best_path, state)
             if self.cfg.train.keep_last:
                 save_checkpoint(step_checkpoint_path(self.out, self.state.step), state)
+            save_checkpoint(self.last_path, state)
+            if self.cfg.train.keep_last:
                 keep_last(self.out, self.cfg.train.keep_last)
         self.dist.barrier()
 
@@ -298,11 +312,15 @@ class Trainer:
         if self.dist.is_main and self.valid_split is not None:
             self.model.eval()
             split = self.valid_split
-            batcher = TokenBatcher(split.src_lens, split.tgt_lens, max(self.cfg.train.max_tokens,
-                                   int(max(split.src_lens.max(), split.tgt_lens.max())) + 1), 0, shuffle=False)
+            # Validation keeps every line; one longer than the model's positions is cut to fit.
+            n = self.cfg.model.max_positions - 1
+            src_lens, tgt_lens = np.minimum(split.src_lens, n), np.minimum(split.tgt_lens, n)
+            batcher = TokenBatcher(src_lens, tgt_lens, max(self.cfg.train.max_tokens,
+                                   int(max(src_lens.max(), tgt_lens.max())) + 1), 0, shuffle=False)
             loss_sum = nll_sum = n_tok = 0.0
             for idx in batcher.epoch_batches(0):
-                batch = _collate(split, idx).to(self.device)
+                batch = make_batch([split.src(i)[:n] for i in idx], [split.tgt(i)[:n] for i in idx], idx)
+                batch = batch.to(self.device)
                 with self._autocast():
                     logits = self.model(batch.src, batch.tgt_in)
                 loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
@@ -312,7 +330,7 @@ class Trainer:
             metrics = {"valid_loss": loss_sum / n_tok, "valid_nll": nll_sum / n_tok,
                        "valid_ppl": math.exp(min(nll_sum / n_tok, 50.0))}
             if self.cfg.train.valid_bleu:
-                seqs = [split.src(i) for i in range(len(split))]
+                seqs = [split.src(i)[:n] for i in range(len(split))]
                 hyps = translate_ids(self.model, seqs, self.cfg.decode, beam=1, device=self.device)
                 texts = self.data.tokenizer.decode_tgt([h[0].tokens for h in hyps])
                 s = score(texts, self.data.text("valid", "tgt"))
@@ -338,11 +356,13 @@ class Trainer:
         self.state.last_valid_step = self.state.step
         better = self._is_better(metrics)
         self.state.bad_validations = 0 if better else self.state.bad_validations + 1
-        self.save(metrics, best=better)
         if self.dist.is_main:
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             tqdm.write(f"step {self.state.step} epoch {self.state.epoch}: {shown}{' (best)' if better else ''}")
+            # Logged before the checkpoint: a crash in between drops the line on resume
+            # (it is past the last checkpoint) instead of losing it.
             self.log.write(step=self.state.step, epoch=self.state.epoch, kind="valid", **metrics)
+        self.save(metrics, best=better)
         p = self.cfg.train.patience
         return bool(p and self.state.bad_validations >= p)
 
@@ -459,18 +479,36 @@ def train(cfg: Config) -> dict[str, Any]:
     return result
 
 
+def average_last(trainer: Trainer) -> Path | None:
+    """Average the last train.keep_last step checkpoints into checkpoint_avg.pt."""
+    from mt.average import average_checkpoints
+    from mt.checkpoint import step_checkpoints
+
+    paths = [str(p) for _, p in step_checkpoints(trainer.out)][-trainer.cfg.train.keep_last :]
+    if len(paths) < 2:
+        return None
+    out = trainer.out / "checkpoint_avg.pt"
+    average_checkpoints(paths, str(out), quiet=True)
+    print(f"averaged {len(paths)} checkpoints ({', '.join(Path(p).name for p in paths)}) into {out}")
+    return out
+
+
 def final_test(cfg: Config, trainer: Trainer) -> dict[str, Any]:
-    """Score the best checkpoint on the test split with beam search and greedy; print both."""
+    """Score the best (and averaged) checkpoint on the test split, beam and greedy; print all."""
     from mt.evaluate import evaluate_checkpoint
 
     if "test" not in trainer.data.meta["splits"] or not trainer.best_path.exists():
         return {}
     src, ref = trainer.data.text("test", "src"), trainer.data.text("test", "tgt")
+    candidates = {"best": trainer.best_path}
+    avg = average_last(trainer) if cfg.train.keep_last > 1 else None
+    if avg is not None:
+        candidates["averaged"] = avg
     results = {}
-    for beam in sorted({cfg.decode.beam, 1}, reverse=True):
-        r = evaluate_checkpoint(trainer.best_path, src, ref, beam=beam, max_tokens=None,
-                                device=str(trainer.device), name="test")
-        results[f"beam{beam}"] = r
-        print(f"test BLEU {r['bleu']:.2f} chrF {r['chrf']:.2f} (beam {beam}, best checkpoint of step "
-              f"{trainer.state.best_step}; {r['bleu_signature']})")
+    for label, path in candidates.items():
+        for beam in sorted({cfg.decode.beam, 1}, reverse=True):
+            r = evaluate_checkpoint(path, src, ref, beam=beam, device=str(trainer.device), name="test")
+            results[f"{label}_beam{beam}"] = r
+            print(f"test BLEU {r['bleu']:.2f} chrF {r['chrf']:.2f} ({label} checkpoint {path.name}, "
+                  f"{'greedy' if beam == 1 else f'beam {beam}'}, {r['seconds']:.1f}s; {r['bleu_signature']})")
     return results

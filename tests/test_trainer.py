@@ -40,7 +40,7 @@ def test_train_writes_everything(tmp_path, corpus):
     valid = [r for r in rows if r["kind"] == "valid"]
     assert [r["step"] for r in valid] == [3, 6]
     assert all(0 <= r["valid_bleu"] <= 100 and math.isfinite(r["valid_loss"]) for r in valid)
-    assert "beam2" in result["test"] and "beam1" in result["test"]
+    assert "best_beam2" in result["test"] and "best_beam1" in result["test"]
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path, corpus):
@@ -109,3 +109,12 @@ def test_unprepared_data_is_prepared_first(tmp_path, corpus, capsys):
     assert not cfg.prepared_dir.exists()
     train(cfg)
     assert "preparing it first" in capsys.readouterr().out
+
+
+def test_last_checkpoints_are_averaged_and_scored(tmp_path, corpus):
+    cfg = _cfg(tmp_path, corpus, "train.max_steps=6", "train.valid_every=2", "train.keep_last=2")
+    result = train(cfg)
+    steps = sorted(p.name for p in cfg.out_dir.glob("checkpoint_step*.pt"))
+    assert steps == ["checkpoint_step4.pt", "checkpoint_step6.pt"]
+    assert (cfg.out_dir / "checkpoint_avg.pt").exists()
+    assert {"best_beam2", "best_beam1", "averaged_beam2", "averaged_beam1"} <= set(result["test"])
