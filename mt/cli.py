@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tokens", type=int, help="source tokens per batch (default: decode.max_tokens)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     r.add_argument(
-        "--errors", choices=["strict", "replace"], default="strict",
+        "--errors",
+        choices=["strict", "replace"],
+        default="strict",
         help="undecodable UTF-8 input: stop with an error (strict) or replace the bad bytes",
     )
     r.set_defaults(func=_cmd_translate)

@@ -294,6 +294,13 @@ def validate(cfg: Config) -> None:
 # --------------------------------------------------------------------------- loading
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, and what is wrong."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem or e).split())
+
+
 def parse_override(arg: str) -> tuple[str, str, Any]:
     """'train.lr=5e-4' -> ('train', 'lr', 0.0005). The value is read as a YAML scalar."""
     if "=" not in arg:
@@ -305,12 +312,14 @@ def parse_override(arg: str) -> tuple[str, str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{arg}': cannot parse value: {e}") from None
+        raise ConfigError(f"override '{arg}': cannot parse value: {_yaml_problem(e)}") from None
     return section, key, value
 
 
 def from_dict(raw: dict[str, Any], where: str = "") -> Config:
     cfg = Config()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}expected a mapping with sections {', '.join(SECTIONS)}")
     for section, values in raw.items():
         if section not in SECTIONS:
             _set(cfg, str(section), "", None, where)  # raises the unknown-section error
@@ -330,8 +339,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid YAML: not UTF-8 ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
     cfg = from_dict(raw, where=f"{path}: ")

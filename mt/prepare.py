@@ -85,7 +85,7 @@ def _encode(
     src = _processor(src_proto).encode(batch["src"], out_type=int)
     tgt = _processor(tgt_proto).encode(batch["tgt"], out_type=int)
     reason = []
-    for s, t in zip(src, tgt):
+    for s, t in zip(src, tgt, strict=True):
         ls, lt = len(s), len(t)
         if max(ls, lt) > max_len:
             reason.append(2)  # DROP_REASONS index + 1
@@ -97,6 +97,18 @@ def _encode(
 
 
 # --------------------------------------------------------------------------- steps
+
+
+def _train_spm(sentences: Iterator[str], cfg: DataConfig) -> bytes:
+    """SentencePiece training; settings this corpus cannot satisfy are a DataError."""
+    try:
+        return train_spm(sentences, cfg)
+    except RuntimeError as e:  # e.g. more distinct characters than vocab_size allows
+        reason = " ".join(str(e).split()).rsplit("] ", 1)[-1]
+        raise DataError(
+            f"SentencePiece training failed: {reason} (data.vocab_size {cfg.vocab_size}, "
+            f"data.character_coverage {cfg.character_coverage})"
+        ) from None
 
 
 def _sample_sentences(train: datasets.Dataset, cfg: DataConfig, sides: tuple[str, ...]) -> Iterator[str]:
@@ -224,9 +236,7 @@ def prepare(cfg: Config, force: bool = False, quiet: bool = False) -> Path:
     return out
 
 
-def _prepare_into(
-    cfg: Config, tmp: Path, scratch: Path, fp: str, say: Any, progress: bool
-) -> dict[str, Any]:
+def _prepare_into(cfg: Config, tmp: Path, scratch: Path, fp: str, say: Any, progress: bool) -> dict[str, Any]:
     d = cfg.data
     splits = sources.split_names(d)
     if "train" not in splits:
@@ -242,11 +252,13 @@ def _prepare_into(
     # Clean: strip everywhere; drop empty pairs from the training split only.
     clean = {}
     for s, ds in raw.items():
-        ds = ds.map(_strip, batched=True, cache_file_name=str(scratch / f"{s}.strip.arrow"), desc=f"strip {s}")
+        ds = ds.map(
+            _strip, batched=True, cache_file_name=str(scratch / f"{s}.strip.arrow"), desc=f"strip {s}"
+        )
         clean[s] = ds
     n_before = len(clean["train"])
     clean["train"] = clean["train"].filter(
-        lambda b: [bool(x) and bool(y) for x, y in zip(b["src"], b["tgt"])],
+        lambda b: [bool(x) and bool(y) for x, y in zip(b["src"], b["tgt"], strict=True)],
         batched=True,
         cache_file_name=str(scratch / "train.nonempty.arrow"),
         desc="drop empty pairs",
@@ -258,18 +270,23 @@ def _prepare_into(
     # Subword models.
     t = time.time()
     if d.joint_vocab:
-        src_proto = train_spm(_sample_sentences(clean["train"], d, ("src", "tgt")), d)
+        src_proto = _train_spm(_sample_sentences(clean["train"], d, ("src", "tgt")), d)
         tgt_proto = src_proto
     else:
-        src_proto = train_spm(_sample_sentences(clean["train"], d, ("src",)), d)
-        tgt_proto = train_spm(_sample_sentences(clean["train"], d, ("tgt",)), d)
+        src_proto = _train_spm(_sample_sentences(clean["train"], d, ("src",)), d)
+        tgt_proto = _train_spm(_sample_sentences(clean["train"], d, ("tgt",)), d)
     tok = Tokenizer(src_proto, None if d.joint_vocab else tgt_proto)
-    say(f"sentencepiece {d.spm_type}: vocab {tok.src_vocab_size}/{tok.tgt_vocab_size} in {time.time() - t:.1f}s")
+    say(
+        f"sentencepiece {d.spm_type}: vocab {tok.src_vocab_size}/{tok.tgt_vocab_size} "
+        f"in {time.time() - t:.1f}s"
+    )
     (tmp / "spm.src.model").write_bytes(src_proto)
     (tmp / "spm.tgt.model").write_bytes(tgt_proto)
 
     # Encode (parallel for the big split) and drop over-long pairs from train.
-    dtype = np.dtype(np.uint16) if max(tok.src_vocab_size, tok.tgt_vocab_size) <= 65535 else np.dtype(np.int32)
+    dtype = (
+        np.dtype(np.uint16) if max(tok.src_vocab_size, tok.tgt_vocab_size) <= 65535 else np.dtype(np.int32)
+    )
     for s, ds in clean.items():
         big = len(ds) >= 20_000
         enc = ds.map(
@@ -325,8 +342,10 @@ def _prepare_into(
 
 def summary(meta: dict[str, Any], out: Path) -> str:
     lines = [f"prepared {out} in {meta.get('seconds', 0):.1f}s (fingerprint {meta['fingerprint']})"]
-    lines.append(f"  vocabulary: src {meta['src_vocab_size']}, tgt {meta['tgt_vocab_size']}"
-                 f"{' (joint)' if meta['joint_vocab'] else ''}")
+    lines.append(
+        f"  vocabulary: src {meta['src_vocab_size']}, tgt {meta['tgt_vocab_size']}"
+        f"{' (joint)' if meta['joint_vocab'] else ''}"
+    )
     lines.append(f"  {'split':<20}{'read':>10}{'kept':>10}{'src tokens':>12}{'tgt tokens':>12}")
     for s, st in meta["splits"].items():
         lines.append(f"  {s:<20}{st['read']:>10}{st['kept']:>10}{st['src_tokens']:>12}{st['tgt_tokens']:>12}")

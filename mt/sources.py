@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +77,12 @@ def _lines(path: Path) -> Iterator[str]:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(
-                        f"{path}:{n}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})"
+                        f"{path}:{n}: not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 4]!r})"
                     ) from None
                 if n == 1 and line.startswith("\ufeff"):
                     line = line[1:]
                 yield line.rstrip("\r\n")
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; corrupt data zlib.error
         raise DataError(f"{path}: cannot read: {e}") from None
 
 
@@ -96,7 +97,7 @@ def check_pair(pair: LocalPair) -> int:
 
 
 def _pair_rows(src: str, tgt: str, limit: int) -> Iterator[dict[str, str]]:
-    for i, (s, t) in enumerate(zip(_lines(Path(src)), _lines(Path(tgt)))):
+    for i, (s, t) in enumerate(zip(_lines(Path(src)), _lines(Path(tgt)), strict=True)):
         if limit and i >= limit:
             return
         yield {"src": s, "tgt": t}
@@ -150,7 +151,9 @@ def load_hub(cfg: DataConfig, split: str, cache_dir: Path) -> datasets.Dataset:
             f"'translation' or '{cfg.src_lang}' and '{cfg.tgt_lang}'"
         )
     if "translation" in cols:
-        langs = set(ds.features["translation"].keys()) if hasattr(ds.features["translation"], "keys") else set()
+        langs = (
+            set(ds.features["translation"].keys()) if hasattr(ds.features["translation"], "keys") else set()
+        )
         if langs and not {cfg.src_lang, cfg.tgt_lang} <= langs:
             raise DataError(
                 f"data.hub: '{cfg.hub}' has languages {sorted(langs)}, not "

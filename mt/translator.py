@@ -88,15 +88,23 @@ def translate_ids(
     for idx in batches:
         src = _pad([np.asarray(seqs[i]) for i in idx], device)
         if beam == 1 and nbest == 1:
-            outs = greedy(model, src, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b,
-                          min_len=decode.min_len)
+            outs = greedy(
+                model, src, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b, min_len=decode.min_len
+            )
             hyps = [[Hypothesis(tokens=o, score=float("nan"), logprob=float("nan"))] for o in outs]
         else:
             hyps = beam_search(
-                model, src, beam=beam, nbest=nbest, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b,
-                min_len=decode.min_len, length_penalty=decode.length_penalty, alpha=decode.alpha,
+                model,
+                src,
+                beam=beam,
+                nbest=nbest,
+                max_len_a=decode.max_len_a,
+                max_len_b=decode.max_len_b,
+                min_len=decode.min_len,
+                length_penalty=decode.length_penalty,
+                alpha=decode.alpha,
             )
-        for i, h in zip(idx, hyps):
+        for i, h in zip(idx, hyps, strict=True):
             results[i] = h
         bar.update(len(idx))
     bar.close()
@@ -106,7 +114,9 @@ def translate_ids(
 class Translator:
     """A model, its tokenizer and decoding settings: everything needed to translate text."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: Config, device: torch.device) -> None:
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, config: Config, device: torch.device
+    ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.config = config
@@ -125,7 +135,9 @@ class Translator:
             model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size)
             model.load_state_dict(ck["model"])
         except (KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: checkpoint is incomplete or does not match the model: {e}") from None
+            raise CheckpointError(
+                f"{path}: checkpoint is incomplete or does not match the model: {e}"
+            ) from None
         return cls(model, tok, cfg, dev)
 
     def _encode(self, lines: Sequence[str], numbers: Sequence[int]) -> list[np.ndarray]:
@@ -156,17 +168,27 @@ class Translator:
         keep = [i for i, line in enumerate(lines) if line.strip()]
         seqs = self._encode([lines[i] for i in keep], [i + 1 for i in keep])
         hyps = translate_ids(
-            self.model, seqs, self.config.decode, beam=beam, nbest=nbest, max_tokens=max_tokens,
-            device=self.device, progress=progress,
+            self.model,
+            seqs,
+            self.config.decode,
+            beam=beam,
+            nbest=nbest,
+            max_tokens=max_tokens,
+            device=self.device,
+            progress=progress,
         )
         out: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
-        for i, hs in zip(keep, hyps):
+        for i, hs in zip(keep, hyps, strict=True):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hs])
-            out[i] = [(t, h.score) for t, h in zip(texts, hs)]
+            out[i] = [(t, h.score) for t, h in zip(texts, hs, strict=True)]
         return out
 
     def translate(
-        self, lines: Sequence[str], beam: int | None = None, max_tokens: int | None = None, progress: bool = False
+        self,
+        lines: Sequence[str],
+        beam: int | None = None,
+        max_tokens: int | None = None,
+        progress: bool = False,
     ) -> list[str]:
         """One translation per line, in order; empty or blank lines give empty strings."""
         return [h[0][0] for h in self.translate_nbest(lines, beam, 1, max_tokens, progress)]

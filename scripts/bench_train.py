@@ -33,9 +33,14 @@ class Reference(nn.Module):
         self.d = cfg.d_model
         self.embed = nn.Embedding(vocab, cfg.d_model, padding_idx=PAD)
         self.core = nn.Transformer(
-            d_model=cfg.d_model, nhead=cfg.heads, num_encoder_layers=cfg.layers,
-            num_decoder_layers=cfg.decoder_layers or cfg.layers, dim_feedforward=cfg.ffn_dim,
-            dropout=cfg.dropout, batch_first=True, norm_first=cfg.pre_norm,
+            d_model=cfg.d_model,
+            nhead=cfg.heads,
+            num_encoder_layers=cfg.layers,
+            num_decoder_layers=cfg.decoder_layers or cfg.layers,
+            dim_feedforward=cfg.ffn_dim,
+            dropout=cfg.dropout,
+            batch_first=True,
+            norm_first=cfg.pre_norm,
         )
         self.proj = nn.Linear(cfg.d_model, vocab, bias=False)
         self.proj.weight = self.embed.weight
@@ -49,8 +54,14 @@ class Reference(nn.Module):
         s = self.embed(src) * math.sqrt(self.d) + self.pe[: src.size(1)]
         t = self.embed(tgt) * math.sqrt(self.d) + self.pe[: tgt.size(1)]
         causal = self.core.generate_square_subsequent_mask(tgt.size(1))
-        h = self.core(s, t, tgt_mask=causal, src_key_padding_mask=src == PAD,
-                      tgt_key_padding_mask=tgt == PAD, memory_key_padding_mask=src == PAD)
+        h = self.core(
+            s,
+            t,
+            tgt_mask=causal,
+            src_key_padding_mask=src == PAD,
+            tgt_key_padding_mask=tgt == PAD,
+            memory_key_padding_mask=src == PAD,
+        )
         return self.proj(h)
 
 
@@ -88,9 +99,11 @@ def main() -> None:
                 secs[name] += time.perf_counter() - t
         if i >= args.warmup:
             tokens += b.n_tgt_tokens
-    print(f"\ntraining throughput, {args.batches} batches of max_tokens={cfg.train.max_tokens}, "
-          f"{torch.get_num_threads()} threads, d{cfg.model.d_model} {cfg.model.layers}+"
-          f"{cfg.model.decoder_layers or cfg.model.layers} layers")
+    print(
+        f"\ntraining throughput, {args.batches} batches of max_tokens={cfg.train.max_tokens}, "
+        f"{torch.get_num_threads()} threads, d{cfg.model.d_model} {cfg.model.layers}+"
+        f"{cfg.model.decoder_layers or cfg.model.layers} layers"
+    )
     for name in models:
         print(f"  {name:<22}{tokens / secs[name]:>10.0f} target tokens/s")
     ratio = secs["torch.nn.Transformer"] / secs["mt"]

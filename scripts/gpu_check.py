@@ -19,7 +19,7 @@ from mt.config import DecodeConfig, load_config
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
 from mt.search import beam_search, greedy
-from mt.special import BOS, EOS, PAD
+from mt.special import BOS, EOS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,7 +102,11 @@ def main() -> None:
     overrides = ["model.dropout=0.1"]
     if device.type == "cpu":
         overrides += ["model.d_model=64", "model.ffn_dim=128", "model.layers=2"]
-        args.tokens, args.steps, args.sentences = min(args.tokens, 1024), min(args.steps, 3), min(args.sentences, 50)
+        args.tokens, args.steps, args.sentences = (
+            min(args.tokens, 1024),
+            min(args.steps, 3),
+            min(args.sentences, 50),
+        )
     cfg = load_config(args.config, overrides)
     vocab = cfg.data.vocab_size
     dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -114,15 +118,29 @@ def main() -> None:
     for name, m in [("eager", model)] + ([("compiled", torch.compile(model))] if args.compile else []):
         tok_s, flops = bench_train(m, opt, args.steps, args.tokens, 25, vocab, device, dtype)
         mfu = flops / (args.peak_tflops * 1e12) if device.type == "cuda" else float("nan")
-        rows.append((f"train {name} ({args.tokens}-token batches)", f"{tok_s:,.0f} tgt tok/s",
-                     f"{flops / 1e12:.1f} TFLOP/s", f"MFU {100 * mfu:.1f}%"))
+        rows.append(
+            (
+                f"train {name} ({args.tokens}-token batches)",
+                f"{tok_s:,.0f} tgt tok/s",
+                f"{flops / 1e12:.1f} TFLOP/s",
+                f"MFU {100 * mfu:.1f}%",
+            )
+        )
     for beam in (5, 1):
         secs = bench_decode(model, args.sentences, 14, vocab, device, dtype, beam)
-        rows.append((f"decode beam {beam}, {args.sentences} sentences", f"{secs:.2f} s",
-                     f"{args.sentences / secs:,.0f} sent/s", ""))
+        rows.append(
+            (
+                f"decode beam {beam}, {args.sentences} sentences",
+                f"{secs:.2f} s",
+                f"{args.sentences / secs:,.0f} sent/s",
+                "",
+            )
+        )
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run)"
-    print(f"\nGPU check on {name}; model d{cfg.model.d_model} {cfg.model.layers}+{cfg.model.layers} layers, "
-          f"{params / 1e6:.1f}M parameters, {'bf16' if dtype else 'fp32'}")
+    print(
+        f"\nGPU check on {name}; model d{cfg.model.d_model} {cfg.model.layers}+{cfg.model.layers} layers, "
+        f"{params / 1e6:.1f}M parameters, {'bf16' if dtype else 'fp32'}"
+    )
     for r in rows:
         print(f"  {r[0]:<42}{r[1]:>18}{r[2]:>18}{r[3]:>12}")
 

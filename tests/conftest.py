@@ -16,7 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 MULTI30K = Path(os.environ.get("MT_MULTI30K", REPO.parent / "shared" / "corpora" / "multi30k"))
 
-WORDS_DE = "ein eine der die das mann frau hund katze kind spielt läuft sitzt auf im park ball rot blau".split()
+WORDS_DE = (
+    "ein eine der die das mann frau hund katze kind spielt läuft sitzt auf im park ball rot blau".split()
+)
 WORDS_EN = "a an the the the man woman dog cat child plays runs sits on in park ball red blue".split()
 
 

@@ -19,7 +19,12 @@ def test_shipped_configs_load():
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert cfg.name == name
     iwslt = load_config(REPO / "configs" / "iwslt2017_de_en.yaml")
-    assert (iwslt.model.layers, iwslt.model.d_model, iwslt.model.heads, iwslt.model.ffn_dim) == (6, 512, 4, 1024)
+    assert (iwslt.model.layers, iwslt.model.d_model, iwslt.model.heads, iwslt.model.ffn_dim) == (
+        6,
+        512,
+        4,
+        1024,
+    )
     assert iwslt.model.dropout == 0.3 and iwslt.train.max_tokens == 4096
 
 

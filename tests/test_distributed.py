@@ -50,9 +50,24 @@ def _losses(run_dir):
 
 def test_two_ranks_equal_one_rank_with_accumulation(exp, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "-m", "mt", "train", str(exp), *BASE, "train.max_steps=3", "train.accum_steps=2",
-          f"train.out_dir={one}"], tmp_path)
-    _run(_torchrun(2, "-m", "mt", "train", str(exp), *BASE, "train.max_steps=3", f"train.out_dir={two}"), tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "mt",
+            "train",
+            str(exp),
+            *BASE,
+            "train.max_steps=3",
+            "train.accum_steps=2",
+            f"train.out_dir={one}",
+        ],
+        tmp_path,
+    )
+    _run(
+        _torchrun(2, "-m", "mt", "train", str(exp), *BASE, "train.max_steps=3", f"train.out_dir={two}"),
+        tmp_path,
+    )
     a, b = _weights(one), _weights(two)
     assert load_checkpoint(two / "checkpoint_last.pt")["world_size"] == 2
     for k in a:
@@ -63,10 +78,18 @@ def test_two_ranks_equal_one_rank_with_accumulation(exp, tmp_path):
 def test_two_rank_resume_equals_uninterrupted(exp, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     common = [*BASE, "model.dropout=0.1", "train.valid_every=2"]
-    _run(_torchrun(2, "-m", "mt", "train", str(exp), *common, "train.max_steps=5", f"train.out_dir={full}"), tmp_path)
-    _run(_torchrun(2, "-m", "mt", "train", str(exp), *common, "train.max_steps=2", f"train.out_dir={part}"), tmp_path)
-    p = _run(_torchrun(2, "-m", "mt", "train", str(exp), *common, "train.max_steps=5", f"train.out_dir={part}"),
-             tmp_path)
+    _run(
+        _torchrun(2, "-m", "mt", "train", str(exp), *common, "train.max_steps=5", f"train.out_dir={full}"),
+        tmp_path,
+    )
+    _run(
+        _torchrun(2, "-m", "mt", "train", str(exp), *common, "train.max_steps=2", f"train.out_dir={part}"),
+        tmp_path,
+    )
+    p = _run(
+        _torchrun(2, "-m", "mt", "train", str(exp), *common, "train.max_steps=5", f"train.out_dir={part}"),
+        tmp_path,
+    )
     assert "resuming from" in p.stdout
     assert _losses(full) == _losses(part)
     a, b = _weights(full), _weights(part)
@@ -76,7 +99,8 @@ def test_two_rank_resume_equals_uninterrupted(exp, tmp_path):
 
 def test_failing_rank_ends_the_job(exp, tmp_path):
     driver = tmp_path / "driver.py"
-    driver.write_text(textwrap.dedent("""
+    driver.write_text(
+        textwrap.dedent("""
         import os, sys
         import mt.trainer as T
         real = T.Trainer.update
@@ -87,8 +111,15 @@ def test_failing_rank_ends_the_job(exp, tmp_path):
         T.Trainer.update = update
         from mt.cli import main
         sys.exit(main(sys.argv[1:]))
-    """))
-    p = _run(_torchrun(2, str(driver), "train", str(exp), *BASE, "train.max_steps=6",
-                       f"train.out_dir={tmp_path / 'run'}"), tmp_path, timeout=180, check=False)
+    """)
+    )
+    p = _run(
+        _torchrun(
+            2, str(driver), "train", str(exp), *BASE, "train.max_steps=6", f"train.out_dir={tmp_path / 'run'}"
+        ),
+        tmp_path,
+        timeout=180,
+        check=False,
+    )
     assert p.returncode != 0
     assert "rank 1 exploded on purpose" in p.stderr + p.stdout

@@ -196,7 +196,7 @@ def _hub_layout(root, translation_column=True):
     for split, n, seed in (("train", 300, 0), ("validation", 20, 1), ("test", 20, 2)):
         src, tgt = synthetic_pairs(n, seed)
         with open(root / f"{split}.jsonl", "w") as f:
-            for s, t in zip(src, tgt):
+            for s, t in zip(src, tgt, strict=True):
                 row = {"translation": {"de": s, "en": t}} if translation_column else {"de": s, "en": t}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return root

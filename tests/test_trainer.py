@@ -52,7 +52,10 @@ def test_resumed_run_equals_uninterrupted(tmp_path, corpus):
     assert load_checkpoint(part.out_dir / "checkpoint_last.pt")["state"]["step"] == 5
     rest = _cfg(tmp_path / "b", corpus, "train.max_steps=14", *steps)
     train(rest)
-    a, b = load_checkpoint(full.out_dir / "checkpoint_last.pt"), load_checkpoint(rest.out_dir / "checkpoint_last.pt")
+    a, b = (
+        load_checkpoint(full.out_dir / "checkpoint_last.pt"),
+        load_checkpoint(rest.out_dir / "checkpoint_last.pt"),
+    )
     assert a["state"]["epoch"] >= 1, "the run should cross an epoch boundary"
     assert _losses(full.out_dir) == _losses(rest.out_dir)
     for k, v in a["model"].items():
