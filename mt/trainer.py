@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from mt.batching import Batch, TokenBatcher, make_batch
@@ -92,7 +91,8 @@ def _optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> tor
         lr=t.lr,
         betas=(t.betas[0], t.betas[1]),
         eps=t.eps,
-        fused=device.type == "cuda",
+        # The fused kernel is about twice as fast as the per-tensor loop, on CPU too.
+        fused=device.type in ("cuda", "cpu"),
     )
 
 
