@@ -47,7 +47,11 @@ test: setup
 lint: setup
 	$(BIN)/ruff check mt tests scripts
 
-bench: data
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+bench: data $(VENV)/.bench-installed
 	$(BIN)/python scripts/bench_prepare.py
 	$(BIN)/python scripts/bench_train.py $(CONFIG) $(CONFIG_ARGS)
 	$(BIN)/python scripts/bench_decode.py $(CONFIG) $(CONFIG_ARGS)

@@ -22,11 +22,13 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     prepare(load_config(args.config, args.overrides), force=args.force)
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
+def _cmd_train(args: argparse.Namespace) -> int:
     from mt.config import load_config
     from mt.trainer import train
 
-    train(load_config(args.config, args.overrides))
+    result = train(load_config(args.config, args.overrides))
+    # Ctrl-C saved a checkpoint and stopped cleanly; still report the interruption, as shells do.
+    return 130 if result["stopped"] == "interrupted" else 0
 
 
 def _cmd_translate(args: argparse.Namespace) -> None:
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except MTError as e:
         print(f"mt {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (e.g. `| head`); silence the flush at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

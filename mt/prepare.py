@@ -183,11 +183,11 @@ def _remove_stale(out: Path) -> None:
     """Leftovers of runs that were killed: temporary and old directories of this cache."""
     for p in out.parent.glob(f".{out.name}.*-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

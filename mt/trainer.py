@@ -44,7 +44,7 @@ from mt.errors import CheckpointError, MTError
 from mt.evaluate import score
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
-from mt.prepare import is_up_to_date, prepare
+from mt.prepare import is_up_to_date, prepare, process_alive
 from mt.schedule import lr_at, set_lr
 from mt.translator import pick_device, translate_ids
 
@@ -185,17 +185,28 @@ class Trainer:
             self.ddp = torch.compile(self.ddp, dynamic=True)
         try:
             self.batcher = TokenBatcher(
-                self.train_split.src_lens, self.train_split.tgt_lens, t.max_tokens, t.seed,
-                rank=self.dist.rank, world_size=self.dist.world_size,
+                self.train_split.src_lens,
+                self.train_split.tgt_lens,
+                t.max_tokens,
+                t.seed,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
             )
         except ValueError as e:
             raise MTError(f"train.max_tokens: {e}") from None
-        self.log = MetricsLog(self.out / "metrics.jsonl", self.state.step if resumed else None, self.dist.is_main)
+        self.log = MetricsLog(
+            self.out / "metrics.jsonl", self.state.step if resumed else None, self.dist.is_main
+        )
         self.stop_requested = False
 
     def _make_out_dir(self) -> None:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
+            # Temporary files of runs killed mid-save are never checkpoints; clear them away.
+            for tmp in self.out.glob("*.pt.tmp-*"):
+                pid = tmp.name.rsplit("-", 1)[-1]
+                if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+                    tmp.unlink(missing_ok=True)
             probe = self.out / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -257,7 +268,8 @@ class Trainer:
         self.state = TrainState(**ck["state"])
         set_rng_state(ck["rng_ranks"][self.dist.rank])
         if self.dist.is_main:
-            print(f"mt train: resuming from {self.last_path} at step {self.state.step}, epoch {self.state.epoch}")
+            s = self.state
+            print(f"mt train: resuming from {self.last_path} at step {s.step}, epoch {s.epoch}")
 
     # ------------------------------------------------------------------ one update
 
@@ -300,8 +312,13 @@ class Trainer:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_tok, "nll": nll_tok, "grad_norm": float(grad_norm), "finite": finite,
-                "tokens": float(n_tokens)}
+        return {
+            "loss": loss_tok,
+            "nll": nll_tok,
+            "grad_norm": float(grad_norm),
+            "finite": finite,
+            "tokens": float(n_tokens),
+        }
 
     # ------------------------------------------------------------------ validation
 
@@ -315,8 +332,13 @@ class Trainer:
             # Validation keeps every line; one longer than the model's positions is cut to fit.
             n = self.cfg.model.max_positions - 1
             src_lens, tgt_lens = np.minimum(split.src_lens, n), np.minimum(split.tgt_lens, n)
-            batcher = TokenBatcher(src_lens, tgt_lens, max(self.cfg.train.max_tokens,
-                                   int(max(src_lens.max(), tgt_lens.max())) + 1), 0, shuffle=False)
+            batcher = TokenBatcher(
+                src_lens,
+                tgt_lens,
+                max(self.cfg.train.max_tokens, int(max(src_lens.max(), tgt_lens.max())) + 1),
+                0,
+                shuffle=False,
+            )
             loss_sum = nll_sum = n_tok = 0.0
             for idx in batcher.epoch_batches(0):
                 batch = make_batch([split.src(i)[:n] for i in idx], [split.tgt(i)[:n] for i in idx], idx)
@@ -327,8 +349,11 @@ class Trainer:
                 loss_sum += float(loss)
                 nll_sum += float(nll)
                 n_tok += batch.n_tgt_tokens
-            metrics = {"valid_loss": loss_sum / n_tok, "valid_nll": nll_sum / n_tok,
-                       "valid_ppl": math.exp(min(nll_sum / n_tok, 50.0))}
+            metrics = {
+                "valid_loss": loss_sum / n_tok,
+                "valid_nll": nll_sum / n_tok,
+                "valid_ppl": math.exp(min(nll_sum / n_tok, 50.0)),
+            }
             if self.cfg.train.valid_bleu:
                 seqs = [split.src(i)[:n] for i in range(len(split))]
                 hyps = translate_ids(self.model, seqs, self.cfg.decode, beam=1, device=self.device)
@@ -358,7 +383,9 @@ class Trainer:
         self.state.bad_validations = 0 if better else self.state.bad_validations + 1
         if self.dist.is_main:
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            tqdm.write(f"step {self.state.step} epoch {self.state.epoch}: {shown}{' (best)' if better else ''}")
+            tqdm.write(
+                f"step {self.state.step} epoch {self.state.epoch}: {shown}{' (best)' if better else ''}"
+            )
             # Logged before the checkpoint: a crash in between drops the line on resume
             # (it is past the last checkpoint) instead of losing it.
             self.log.write(step=self.state.step, epoch=self.state.epoch, kind="valid", **metrics)
@@ -383,15 +410,23 @@ class Trainer:
             raise KeyboardInterrupt
         self.stop_requested = True
         if self.dist.is_main:
-            print("\nmt train: stopping after this update and saving a checkpoint (Ctrl-C again to abort)",
-                  file=sys.stderr)
+            print(
+                "\nmt train: stopping after this update and saving a checkpoint (Ctrl-C again to abort)",
+                file=sys.stderr,
+            )
 
     def fit(self) -> dict[str, Any]:
         t, s = self.cfg.train, self.state
         t0 = time.time()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.is_main else None
-        bar = tqdm(total=t.max_steps or None, initial=s.step, desc="train", unit="step",
-                   disable=not self.dist.is_main, dynamic_ncols=True)
+        bar = tqdm(
+            total=t.max_steps or None,
+            initial=s.step,
+            desc="train",
+            unit="step",
+            disable=not self.dist.is_main,
+            dynamic_ncols=True,
+        )
         tok_count, tok_t0, stop_early = 0.0, time.time(), False
         set_lr(self.optimizer, lr_at(s.step + 1, t, self.cfg.model.d_model))
         try:
@@ -410,9 +445,17 @@ class Trainer:
                         tok_s = tok_count / max(time.time() - tok_t0, 1e-9)
                         lr = self.optimizer.param_groups[0]["lr"]
                         bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                        self.log.write(step=s.step, epoch=s.epoch, kind="train", loss=out["loss"],
-                                       nll=out["nll"], ppl=math.exp(min(out["nll"], 50.0)), lr=lr,
-                                       grad_norm=out["grad_norm"], tok_s=tok_s)
+                        self.log.write(
+                            step=s.step,
+                            epoch=s.epoch,
+                            kind="train",
+                            loss=out["loss"],
+                            nll=out["nll"],
+                            ppl=math.exp(min(out["nll"], 50.0)),
+                            lr=lr,
+                            grad_norm=out["grad_norm"],
+                            tok_s=tok_s,
+                        )
                         tok_count, tok_t0 = 0.0, time.time()
                     if t.valid_every and s.step % t.valid_every == 0:
                         s.elapsed += time.time() - t0
@@ -440,12 +483,22 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
         if self.stop_requested:
             if self.dist.is_main:
-                print(f"mt train: interrupted at step {s.step}; checkpoint saved to {self.last_path}.\n"
-                      f"  resume with the same command: mt train {self.cfg.name} ... (same config and overrides)",
-                      file=sys.stderr)
-        reason = ("interrupted" if self.stop_requested else "early stopping" if stop_early else "budget reached")
-        return {"steps": s.step, "epochs": s.epoch, "minutes": s.elapsed / 60, "stopped": reason,
-                "best": s.best, "best_step": s.best_step}
+                print(
+                    f"mt train: interrupted at step {s.step}; checkpoint saved to {self.last_path}.\n"
+                    f"  resume with the same command: mt {' '.join(sys.argv[1:])}",
+                    file=sys.stderr,
+                )
+        reason = (
+            "interrupted" if self.stop_requested else "early stopping" if stop_early else "budget reached"
+        )
+        return {
+            "steps": s.step,
+            "epochs": s.epoch,
+            "minutes": s.elapsed / 60,
+            "stopped": reason,
+            "best": s.best,
+            "best_step": s.best_step,
+        }
 
     def _check_finite(self, out: dict[str, float]) -> None:
         s = self.state
@@ -454,8 +507,11 @@ class Trainer:
             return
         s.nonfinite_in_row += 1
         if self.dist.is_main:
-            tqdm.write(f"mt train: warning: non-finite loss or gradient at step {s.step} "
-                       f"(loss {out['loss']}, grad norm {out['grad_norm']}); update skipped", file=sys.stderr)
+            tqdm.write(
+                f"mt train: warning: non-finite loss or gradient at step {s.step} "
+                f"(loss {out['loss']}, grad norm {out['grad_norm']}); update skipped",
+                file=sys.stderr,
+            )
         if s.nonfinite_in_row >= MAX_NONFINITE_IN_ROW:
             raise MTError(
                 f"training diverged: {s.nonfinite_in_row} non-finite losses in a row up to step {s.step}; "
@@ -509,6 +565,8 @@ def final_test(cfg: Config, trainer: Trainer) -> dict[str, Any]:
         for beam in sorted({cfg.decode.beam, 1}, reverse=True):
             r = evaluate_checkpoint(path, src, ref, beam=beam, device=str(trainer.device), name="test")
             results[f"{label}_beam{beam}"] = r
-            print(f"test BLEU {r['bleu']:.2f} chrF {r['chrf']:.2f} ({label} checkpoint {path.name}, "
-                  f"{'greedy' if beam == 1 else f'beam {beam}'}, {r['seconds']:.1f}s; {r['bleu_signature']})")
+            print(
+                f"test BLEU {r['bleu']:.2f} chrF {r['chrf']:.2f} ({label} checkpoint {path.name}, "
+                f"{'greedy' if beam == 1 else f'beam {beam}'}, {r['seconds']:.1f}s; {r['bleu_signature']})"
+            )
     return results

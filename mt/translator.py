@@ -134,9 +134,11 @@ class Translator:
             tok = Tokenizer(ck["spm_src"], ck["spm_tgt"])
             model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size)
             model.load_state_dict(ck["model"])
-        except (KeyError, RuntimeError) as e:
+        except (KeyError, RuntimeError, TypeError, AttributeError, ValueError) as e:
+            # load_state_dict lists every mismatch on its own line; the first says enough.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
-                f"{path}: checkpoint is incomplete or does not match the model: {e}"
+                f"{path}: checkpoint is incomplete or does not match the model ({type(e).__name__}: {first})"
             ) from None
         return cls(model, tok, cfg, dev)
 
