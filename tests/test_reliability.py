@@ -754,10 +754,8 @@ def test_training_with_a_valid_line_longer_than_the_model(tmp_path, capsys):
     vtgt[4] = "dog " * 20_000
     corpus = _corpus_files(tmp_path / "corpus", {"train": (src, tgt), "val": (vsrc, vtgt),
                                                  "test": (vsrc, vtgt)})
-    # max_len_a 0: greedy search does not cap its output at model.max_positions (see the xfail in
-    # tests/test_translate.py), which is not what this test is about.
     rc = main(["train", str(exp(tmp_path, corpus)), "train.max_steps=2", "train.threads=1",
-               "model.max_positions=64", "decode.max_len_a=0"])
+               "model.max_positions=64"])
     err = capsys.readouterr().err
     assert rc == 0, err[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

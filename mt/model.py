@@ -1,0 +1,451 @@
+"""Encoder-decoder Transformer (Vaswani et al., 2017) for translation.
+
+Read top to bottom: attention, feed-forward, layers, embeddings, the decoder
+cache, and last the model itself. Shape letters used in the comments:
+
+    B  sentences in the batch        S  source length       T  target length
+    N  decoder rows (B, or B * beam hypotheses, grouped by sentence)
+    L  target tokens already in the decoder cache
+    d  model width   H  heads   hd  head width (d // H)   V  vocabulary
+
+Speed notes. Attention goes through `F.scaled_dot_product_attention` (sdpa),
+which on CPU and GPU picks a fused kernel as long as there is no attention
+dropout; masks are only built when needed: target self-attention uses
+`is_causal` (targets are right-padded, so a real token never looks at a pad),
+and the key-padding mask is a broadcast (B, 1, 1, S) boolean, or None when the
+batch has no padding at all. Self-attention projects q, k, v with one matmul
+and cross-attention projects k, v with one matmul. On CPU, where drawing random
+numbers is the expensive part of dropout, masks take 16 random bits per element
+instead of 32, and residual dropout is fused into the residual add.
+
+Incremental decoding keeps the self-attention keys/values of the tokens decoded
+so far and the cross-attention keys/values of the source in a `DecoderCache`.
+The cross-attention part is stored once per source sentence, not once per beam
+hypothesis: the decoder rows of one sentence are contiguous, so their queries
+are folded into one (H, beam * T) query block per sentence. That saves the
+projection, the memory, and the copy on every beam reselection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mt.config import ModelConfig
+from mt.special import PAD
+
+KV = tuple[Tensor, Tensor]  # keys and values, each (rows, H, length, hd)
+
+
+def _keep_mask(x: Tensor, p: float) -> Tensor:
+    """A dropout mask for x: 0 with probability p, else 1 / (1 - p); x's shape and dtype.
+
+    On CPU, drawing the random numbers is most of the cost of dropout, and torch
+    draws 32 bits per element. One int64 draw gives four 16-bit words here, one
+    per element: keep iff word >= p * 2^16 (p is honoured to 2^-16).
+    """
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
+    keep = bits.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768
+    return keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    if not training or p == 0.0:
+        return x  # F.dropout would still cost a pass at p=0
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)  # fused kernels on GPU
+    return x * _keep_mask(x, p)
+
+
+def _residual(x: Tensor, y: Tensor, p: float, training: bool) -> Tensor:
+    """x + dropout(y), on CPU in one fused multiply-add."""
+    if not training or p == 0.0:
+        return x + y
+    if x.device.type != "cpu":
+        return x + F.dropout(y, p, True)
+    return torch.addcmul(x, y, _keep_mask(y, p))
+
+
+def _split_heads(x: Tensor, parts: int, heads: int) -> tuple[Tensor, ...]:
+    """(B, T, parts * d) -> `parts` views of shape (B, H, T, hd), no copy.
+
+    sdpa reads strided inputs directly, so the fused projection output is never
+    copied into separate tensors; in backward, the split becomes one concatenation.
+    """
+    B, T, _ = x.shape
+    return tuple(t.view(B, T, heads, -1).transpose(1, 2) for t in x.chunk(parts, dim=-1))
+
+
+def _merge_heads(y: Tensor) -> Tensor:
+    """(B, H, T, hd) -> (B, T, d). sdpa's CPU/GPU kernels already return (B, T, H, hd) memory, so
+    the reshape below is usually free."""
+    B, H, T, hd = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * hd)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection."""
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout  # on the attention probabilities
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, T, d)
+        mask: Tensor | None = None,  # bool, broadcastable to (B, H, T, keys); True = may attend
+        causal: bool = False,
+        past: KV | None = None,  # cached (B, H, L, hd) keys/values of earlier positions
+    ) -> tuple[Tensor, KV]:
+        T = x.size(1)
+        q, k, v = _split_heads(self.qkv(x), 3, self.heads)  # each (B, H, T, hd)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, H, L + T, hd)
+            v = torch.cat([past[1], v], dim=2)
+            L = k.size(2) - T
+            if causal and L > 0:
+                # sdpa's is_causal aligns the mask top-left, which is wrong once keys
+                # precede the queries; query i (position L + i) sees keys 0 .. L + i.
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, L + T, dtype=torch.bool, device=x.device).tril(L)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return self.out(_merge_heads(y)), (k, v)  # (B, T, d)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the decoder to the encoder output, fused KV projection."""
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+
+    def project_kv(self, memory: Tensor) -> KV:
+        """(B, S, d) encoder output -> keys and values, each (B, H, S, hd)."""
+        k, v = _split_heads(self.kv(memory), 2, self.heads)
+        return k, v
+
+    def forward(
+        self,
+        x: Tensor,  # (N, T, d), N = B * g: g consecutive rows per source sentence
+        kv: KV,  # each (B, H, S, hd)
+        mask: Tensor | None,  # (B, 1, 1, S) bool, True = real source token; None = no padding
+    ) -> Tensor:
+        N, T, d = x.shape
+        B = kv[0].size(0)
+        # Fold the g rows of a sentence into its query axis: (N, T, d) -> (B, g * T, d).
+        # Cross-attention has no mask between queries, so this is exact.
+        (q,) = _split_heads(self.q(x).view(B, -1, d), 1, self.heads)  # (B, H, g * T, hd)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=p)
+        return self.out(_merge_heads(y).view(N, T, d))  # (N, T, d)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d: int, ffn_dim: int, activation: str, activation_dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d)
+        self.gelu = activation == "gelu"
+        self.activation_dropout = activation_dropout
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
+        h = self.fc1(x)  # (B, T, ffn)
+        # ReLU in place: h is fresh, and ReLU's backward needs only its output.
+        h = F.gelu(h) if self.gelu else F.relu_(h)
+        return self.fc2(_dropout(h, self.activation_dropout, self.training))
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention and feed-forward, each in a residual block.
+
+    Pre-norm: x + f(norm(x)) (stable without warm-up tricks; needs a final norm).
+    Post-norm: norm(x + f(x)) (the original paper).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.pre_norm = cfg.pre_norm
+        self.dropout = cfg.dropout
+        self.attn = SelfAttention(d, cfg.heads, cfg.attention_dropout)
+        self.attn_norm = nn.LayerNorm(d)
+        self.ffn = FeedForward(d, cfg.ffn_dim, cfg.activation, cfg.activation_dropout)
+        self.ffn_norm = nn.LayerNorm(d)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:  # (B, S, d) -> (B, S, d)
+        p, train = self.dropout, self.training
+        if self.pre_norm:
+            x = _residual(x, self.attn(self.attn_norm(x), mask)[0], p, train)
+            return _residual(x, self.ffn(self.ffn_norm(x)), p, train)
+        x = self.attn_norm(_residual(x, self.attn(x, mask)[0], p, train))
+        return self.ffn_norm(_residual(x, self.ffn(x), p, train))
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention and feed-forward, each in a residual block."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.pre_norm = cfg.pre_norm
+        self.dropout = cfg.dropout
+        self.self_attn = SelfAttention(d, cfg.heads, cfg.attention_dropout)
+        self.self_norm = nn.LayerNorm(d)
+        self.cross_attn = CrossAttention(d, cfg.heads, cfg.attention_dropout)
+        self.cross_norm = nn.LayerNorm(d)
+        self.ffn = FeedForward(d, cfg.ffn_dim, cfg.activation, cfg.activation_dropout)
+        self.ffn_norm = nn.LayerNorm(d)
+
+    def forward(
+        self,
+        x: Tensor,  # (N, T, d)
+        cross_kv: KV,  # each (B, H, S, hd)
+        cross_mask: Tensor | None,  # (B, 1, 1, S)
+        past: KV | None = None,  # (N, H, L, hd) each
+    ) -> tuple[Tensor, KV]:
+        p, train = self.dropout, self.training
+        if self.pre_norm:
+            h, kv = self.self_attn(self.self_norm(x), causal=True, past=past)
+            x = _residual(x, h, p, train)
+            x = _residual(x, self.cross_attn(self.cross_norm(x), cross_kv, cross_mask), p, train)
+            return _residual(x, self.ffn(self.ffn_norm(x)), p, train), kv
+        h, kv = self.self_attn(x, causal=True, past=past)
+        x = self.self_norm(_residual(x, h, p, train))
+        x = self.cross_norm(_residual(x, self.cross_attn(x, cross_kv, cross_mask), p, train))
+        return self.ffn_norm(_residual(x, self.ffn(x), p, train)), kv
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def sinusoidal_positions(n: int, d: int) -> Tensor:
+    """(n, d) table: even dims sin(pos / 10000^(2i/d)), odd dims cos of the same (Vaswani 2017)."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))  # (ceil(d/2),)
+    table = torch.zeros(n, d)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: d // 2])
+    return table
+
+
+def key_padding_mask(pad: Tensor) -> Tensor | None:
+    """(B, S) bool, True at PAD -> (B, 1, 1, S) bool for sdpa, True = may attend.
+
+    None when nothing is padded, so sdpa runs without a mask (checked on CPU only: on a
+    GPU the check would wait for the device). A row that is all padding would be
+    fully masked, which makes sdpa return NaN; it attends to its pads instead (its
+    output is meaningless either way, but finite).
+    """
+    if pad.device.type == "cpu" and not bool(pad.any()):
+        return None
+    keep = ~pad
+    keep |= ~keep.any(dim=1, keepdim=True)
+    return keep[:, None, None, :]
+
+
+# --------------------------------------------------------------------------- encoder output and cache
+
+
+@dataclass
+class Memory:
+    """What the decoder needs from the encoder."""
+
+    out: Tensor  # (B, S, d) encoder output (after the final norm when pre-norm)
+    src_pad: Tensor  # (B, S) bool, True at PAD
+
+    def index_select(self, index: Tensor) -> Memory:
+        """Keep/repeat/reorder sentences: row i of the result is row index[i]."""
+        return Memory(self.out.index_select(0, index), self.src_pad.index_select(0, index))
+
+
+class DecoderCache:
+    """State of incremental decoding: everything the decoder computed for earlier steps.
+
+    `self_kv[i]`: layer i's self-attention keys and values for the `length` target
+    tokens decoded so far, each (N, H, length, hd), one row per decoder row.
+    `cross_kv[i]`: layer i's cross-attention keys and values of the source, each
+    (N / group, H, S, hd): one row per `group` consecutive decoder rows (the
+    hypotheses of one sentence); computed from the Memory on the first decode call,
+    after which the Memory is not read again. `cross_mask`: (N / group, 1, 1, S).
+    """
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.self_kv: list[KV] = []
+        self.cross_kv: list[KV] = []
+        self.cross_mask: Tensor | None = None
+        self.group = 1
+
+    @property
+    def started(self) -> bool:
+        return bool(self.cross_kv)
+
+    @torch.no_grad()
+    def reorder(self, index: Tensor) -> None:
+        """Make decoder row i continue what row index[i] was (beam reselection; dropping rows).
+
+        Every stored tensor is index-selected along the batch dimension. The
+        per-sentence cross-attention entries follow along and stay shared when each
+        block of new rows comes from a single entry: blocks of the old group size
+        (beam search reselecting within a sentence, dropping whole sentences), or,
+        when every entry's rows are repeated in place, blocks that many times larger
+        (one row per sentence becoming `beam` rows). They are not copied at all when
+        the entries stay the same. Otherwise each row gets its own entry (group 1).
+        """
+        self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
+        if not self.cross_kv:
+            return
+        n_old, g_old = self.cross_kv[0][0].size(0), self.group
+        src = index // g_old  # old cross entry of each new row
+        self.group = 1
+        for g in (g_old, index.numel() // n_old):
+            if g > 1 and index.numel() % g == 0:
+                by_block = src.view(-1, g)
+                if bool((by_block == by_block[:, :1]).all()):
+                    src, self.group = by_block[:, 0], g
+                    break
+        if src.numel() == n_old and bool((src == torch.arange(n_old, device=src.device)).all()):
+            return  # the same entries in the same order: nothing to copy
+        self.cross_kv = [(k.index_select(0, src), v.index_select(0, src)) for k, v in self.cross_kv]
+        if self.cross_mask is not None:
+            self.cross_mask = self.cross_mask.index_select(0, src)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer. `forward(src, tgt_in)` is the training path."""
+
+    def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.d_model = d
+        self.embed_scale = math.sqrt(d)
+        self.dropout = cfg.dropout
+
+        # Embeddings. Tying: one matrix for source, target and output projection when
+        # the vocabularies are one (joint SentencePiece); else target and output only.
+        self.tgt_embed = nn.Embedding(tgt_vocab, d, padding_idx=PAD)
+        self.src_embed = nn.Embedding(src_vocab, d, padding_idx=PAD)
+        self.out_proj = nn.Linear(d, tgt_vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.out_proj.weight = self.tgt_embed.weight
+            if src_vocab == tgt_vocab:
+                self.src_embed.weight = self.tgt_embed.weight
+        if cfg.learned_positions:
+            self.pos_embed: nn.Embedding | None = nn.Embedding(cfg.max_positions, d)
+        else:
+            self.pos_embed = None
+            # Not a parameter and not saved: it is a function of the config.
+            self.register_buffer("pos_table", sinusoidal_positions(cfg.max_positions, d), persistent=False)
+
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers or cfg.layers))
+        # Pre-norm leaves the residual stream un-normalised; post-norm ends in a norm already.
+        self.enc_norm = nn.LayerNorm(d) if cfg.pre_norm else nn.Identity()
+        self.dec_norm = nn.LayerNorm(d) if cfg.pre_norm else nn.Identity()
+        self._init_weights(cfg.tie_embeddings)
+
+    def _init_weights(self, tied: bool) -> None:
+        # fairseq-style: xavier-uniform for projections, N(0, d^-0.5) for embeddings so that
+        # embedding * sqrt(d) has unit variance, PAD row zero. An untied output projection is an
+        # embedding matrix in all but name and gets the same init, so logits start at the same
+        # scale whether tied or not.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        std = self.d_model**-0.5
+        with torch.no_grad():
+            for emb in (self.src_embed, self.tgt_embed):
+                nn.init.normal_(emb.weight, 0.0, std)
+                emb.weight[PAD].zero_()
+            if not tied:
+                nn.init.normal_(self.out_proj.weight, 0.0, std)
+            if self.pos_embed is not None:
+                nn.init.normal_(self.pos_embed.weight, 0.0, std)
+
+    def _embed(self, embed: nn.Embedding, tokens: Tensor, start: int) -> Tensor:
+        """(B, T) ids at positions start .. start+T-1 -> (B, T, d)."""
+        T = tokens.size(1)
+        if start + T > self.cfg.max_positions:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_positions={self.cfg.max_positions}")
+        if self.pos_embed is not None:
+            pos = self.pos_embed.weight[start : start + T]  # (T, d)
+        else:
+            pos = self.pos_table[start : start + T]
+        x = torch.add(pos, embed(tokens), alpha=self.embed_scale)  # pos + sqrt(d) * emb, one kernel
+        return _dropout(x, self.dropout, self.training)
+
+    def encode(self, src: Tensor) -> Memory:
+        """(B, S) source ids (right-padded with PAD) -> Memory with out (B, S, d)."""
+        src_pad = src.eq(PAD)  # (B, S)
+        mask = key_padding_mask(src_pad)  # (B, 1, 1, S) or None
+        x = self._embed(self.src_embed, src, 0)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return Memory(self.enc_norm(x), src_pad)
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache()
+
+    def decode(self, tgt: Tensor, memory: Memory, cache: DecoderCache | None = None) -> Tensor:
+        """Target ids -> next-token logits (N, T, V).
+
+        Without a cache, `tgt` (N, T) is the whole (teacher-forced) decoder input and
+        attention is causal. With a cache, `tgt` holds only the new tokens, at
+        positions cache.length .. cache.length + T - 1, and the cache is updated.
+        N may be a multiple g of the batch B of `memory`: rows b*g .. b*g+g-1 then
+        belong to source sentence b (e.g. its beam hypotheses).
+        """
+        N, T = tgt.shape
+        start = cache.length if cache is not None else 0
+        x = self._embed(self.tgt_embed, tgt, start)  # (N, T, d)
+
+        if cache is not None and cache.started:
+            cross_kv, cross_mask = cache.cross_kv, cache.cross_mask
+        else:
+            B = memory.out.size(0)
+            if N % B:
+                raise ValueError(f"{N} target rows cannot be grouped over {B} source sentences")
+            cross_kv = [layer.cross_attn.project_kv(memory.out) for layer in self.decoder]
+            cross_mask = key_padding_mask(memory.src_pad)
+            if cache is not None:
+                cache.cross_kv, cache.cross_mask, cache.group = cross_kv, cross_mask, N // B
+
+        new_kv = []
+        for i, layer in enumerate(self.decoder):
+            past = cache.self_kv[i] if cache is not None and cache.self_kv else None
+            x, kv = layer(x, cross_kv[i], cross_mask, past)
+            new_kv.append(kv)
+        if cache is not None:
+            cache.self_kv = new_kv
+            cache.length += T
+        return self.out_proj(self.dec_norm(x))  # (N, T, V)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """(B, S) source, (B, T) decoder input (BOS + target) -> logits (B, T, V)."""
+        return self.decode(tgt_in, self.encode(src))

@@ -1,0 +1,236 @@
+"""Greedy and beam search on the Transformer's incremental decoder.
+
+Both encode the batch once and then run the decoder one token at a time on a
+`DecoderCache`. Finished sentences are dropped from the active batch (the cache
+is reordered), so late steps only pay for the sentences still being decoded.
+
+Lengths. `src_len` is the number of non-PAD source tokens (the source EOS
+included). A sentence may produce at most max_len = max(1, int(max_len_a *
+src_len + max_len_b)) tokens, EOS included; a hypothesis that reaches max_len
+tokens without EOS ends there (it is returned truncated, without EOS). EOS is
+forbidden until `min_len` tokens have been produced. PAD and BOS are never
+produced. Returned token lists contain neither BOS nor EOS.
+
+Every sentence is decoded independently of the others in its batch (padding is
+masked, lengths are per sentence), so results do not depend on how sentences
+are grouped into batches, up to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mt.model import Transformer
+from mt.special import BOS, EOS, PAD
+
+# Beam search splits batches so that one step scores at most this many (hypothesis, token)
+# pairs (rows * vocabulary): 6M float32 scores = 24 MB per (rows, V) tensor.
+MAX_SCORES_PER_STEP = 6_000_000
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # without BOS and EOS
+    score: float  # length-normalised log-probability, used for ranking
+    logprob: float  # sum of the token log-probabilities (EOS included when produced)
+
+
+@contextmanager
+def _inference(model: Transformer) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd; the model's previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, cap: int) -> Tensor:
+    """(B, S) source ids -> (B,) long: the most tokens (EOS included) each sentence may produce.
+
+    `cap` is the model's max_positions: producing token k feeds the decoder k positions,
+    so no output may be longer, whatever a * src_len + b says.
+    """
+    src_lens = src.ne(PAD).sum(1).tolist()
+    return torch.tensor(
+        [min(cap, max(1, int(max_len_a * n + max_len_b))) for n in src_lens], dtype=torch.long
+    )
+
+
+def _forbid(scores: Tensor, step: int, min_len: int) -> Tensor:
+    """Set the (N, V) scores of tokens that may not come next to -inf, in place."""
+    scores[:, PAD] = float("-inf")
+    scores[:, BOS] = float("-inf")
+    if step < min_len:
+        scores[:, EOS] = float("-inf")
+    return scores
+
+
+def greedy(
+    model: Transformer,
+    src: Tensor,
+    *,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    min_len: int = 1,
+) -> list[list[int]]:
+    """Greedy decoding of a (B, S) right-padded source batch -> B token lists (no BOS/EOS)."""
+    with _inference(model):
+        B = src.size(0)
+        device = src.device
+        limit = max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions).to(device)  # (B,)
+        memory = model.encode(src)
+        cache = model.new_cache()
+        out: list[list[int]] = [[] for _ in range(B)]
+        sent = torch.arange(B, device=device)  # sentence of each active row
+        tokens = torch.empty(B, 0, dtype=torch.long, device=device)  # (n, step) produced so far
+        prev = torch.full((B, 1), BOS, dtype=torch.long, device=device)
+        for step in range(int(limit.max())):
+            logits = model.decode(prev, memory, cache)[:, -1]  # (n, V)
+            nxt = _forbid(logits, step, min_len).argmax(-1)  # (n,)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            done = nxt.eq(EOS) | limit.le(step + 1)
+            if bool(done.any()):
+                for s, toks in zip(sent[done].tolist(), tokens[done].tolist(), strict=True):
+                    out[s] = toks[:-1] if toks[-1] == EOS else toks
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.reorder(keep)
+                sent, tokens, limit, nxt = sent[keep], tokens[keep], limit[keep], nxt[keep]
+            prev = nxt[:, None]
+        return out
+
+
+def _penalty(length: int, kind: str, alpha: float) -> float:
+    if kind == "fairseq":
+        return float(length) ** alpha
+    if kind == "gnmt":
+        return ((5.0 + length) / 6.0) ** alpha
+    raise ValueError(f"unknown length penalty {kind!r}; expected 'fairseq' or 'gnmt'")
+
+
+def beam_search(
+    model: Transformer,
+    src: Tensor,
+    *,
+    beam: int = 5,
+    nbest: int = 1,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    min_len: int = 1,
+    length_penalty: str = "fairseq",
+    alpha: float = 1.0,
+) -> list[list[Hypothesis]]:
+    """Beam search of a (B, S) right-padded source batch -> per sentence its `nbest` best hypotheses.
+
+    Scores. `logprob` is the sum of the float32 log-probabilities of the produced
+    tokens, EOS included when produced; hypotheses are ranked by
+    `score = logprob / lp(len)` with len the number of those tokens (EOS counted):
+
+        length_penalty="fairseq":  lp(len) = len ** alpha
+        length_penalty="gnmt":     lp(len) = ((5 + len) / 6) ** alpha   (Wu et al., 2016)
+
+    alpha = 0 ranks by raw log-probability; larger alpha favours longer outputs.
+
+    Search. The B * beam hypotheses are decoded together, `beam` rows per sentence.
+    At each step the 2 * beam best extensions of a sentence are taken; those that
+    end in EOS and rank within the first `beam` become finished hypotheses, the
+    `beam` best others stay active (the cache is reordered to follow them). A
+    sentence is done when it has `beam` finished hypotheses and its best active one,
+    scored as if it ended now, does not beat the `beam`-th best of them (log-probs
+    only fall as tokens are added; with alpha > 0 a longer hypothesis could in
+    principle still gain from the length normalisation, which, as in fairseq and
+    Hugging Face, is not waited for). With beam=1 this is exactly greedy search.
+    At a sentence's max length its active hypotheses are finished as they are.
+    Done sentences are dropped from the batch.
+    """
+    K, V = beam, model.out_proj.out_features
+    if not 1 <= nbest <= K:
+        raise ValueError(f"nbest must be in [1, beam={K}], got {nbest}")
+    if V < 2 * K:
+        raise ValueError(f"beam {K} needs a vocabulary of at least {2 * K} tokens, got {V}")
+    _penalty(1, length_penalty, alpha)  # validate the kind early
+    # Large batches are searched in slices: per step the search holds a few (rows, V) float
+    # tensors, and keeping those within the CPU cache (and below the size at which malloc
+    # maps fresh, page-faulting memory) is faster than the fewer, bigger matmuls.
+    per_call = max(1, MAX_SCORES_PER_STEP // (K * V))
+    if src.size(0) > per_call:
+        kw = dict(beam=beam, nbest=nbest, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
+        kw.update(length_penalty=length_penalty, alpha=alpha)
+        slices = (src[i : i + per_call] for i in range(0, src.size(0), per_call))
+        return [hyps for part in slices for hyps in beam_search(model, part, **kw)]
+    with _inference(model):
+        B = src.size(0)
+        device = src.device
+        limit = max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions).to(device)  # (n,)
+        memory = model.encode(src)
+        cache = model.new_cache()
+        finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+        sent = torch.arange(B, device=device)  # (n,) sentence of each active group of rows
+        # Cumulative log-probs of the active hypotheses, (n, k) with k rows per sentence: the
+        # first step extends the BOS prefix once per sentence (k = 1), later steps K beams.
+        scores = torch.zeros(B, 1, device=device)
+        fin_top = torch.full((B, K), float("-inf"), device=device)  # (n, K) best finished scores
+        tokens = torch.empty(B, 0, dtype=torch.long, device=device)  # (n*k, step)
+        prev = torch.full((B, 1), BOS, dtype=torch.long, device=device)
+        ranks = torch.arange(2 * K, device=device)
+
+        for step in range(int(limit.max())):
+            n, k = scores.shape
+            length = step + 1  # tokens scored by every candidate of this step
+            pen = _penalty(length, length_penalty, alpha)
+            logits = model.decode(prev, memory, cache)[:, -1].float()  # (n*k, V)
+            # The model's distribution, masked (not renormalised) where tokens are forbidden.
+            cand = _forbid(torch.log_softmax(logits, -1).add_(scores.view(-1, 1)), step, min_len)
+            c_scores, c_idx = cand.view(n, k * V).topk(2 * K, dim=1)  # (n, 2K), best first
+            c_parent, c_tok = c_idx // V, c_idx % V
+            is_eos = c_tok.eq(EOS)
+
+            # EOS among the first K candidates: finished hypotheses.
+            eos_top = is_eos[:, :K] & c_scores[:, :K].isfinite()
+            if bool(eos_top.any()):
+                si, ki = eos_top.nonzero(as_tuple=True)
+                parent_rows = si * k + c_parent[si, ki]
+                lps = c_scores[si, ki]
+                for s, toks, lp in zip(
+                    sent[si].tolist(), tokens[parent_rows].tolist(), lps.tolist(), strict=True
+                ):
+                    finished[s].append(Hypothesis(toks, lp / pen, lp))
+                new = torch.where(eos_top, c_scores[:, :K] / pen, float("-inf"))
+                fin_top = torch.cat([fin_top, new], dim=1).topk(K, dim=1).values
+
+            # The K best non-EOS candidates stay active (there are at most K EOS among 2K).
+            sel = (ranks + is_eos * (2 * K)).topk(K, dim=1, largest=False).indices  # (n, K) in rank order
+            scores = c_scores.gather(1, sel)  # (n, K), best first
+            rows = (torch.arange(n, device=device)[:, None] * k + c_parent.gather(1, sel)).view(-1)  # (n*K,)
+            tokens = torch.cat([tokens[rows], c_tok.gather(1, sel).view(-1, 1)], dim=1)  # (n*K, step+1)
+
+            # Sentences at their max length: the active hypotheses end here, without EOS.
+            at_max = limit.le(length)
+            if bool(at_max.any()):
+                ended = sent[at_max].tolist(), tokens.view(n, K, -1)[at_max].tolist(), scores[at_max].tolist()
+                for s, beams, lps in zip(*ended, strict=True):
+                    for toks, lp in zip(beams, lps, strict=True):
+                        if lp > -math.inf:
+                            finished[s].append(Hypothesis(toks, lp / pen, lp))
+            done = at_max | (scores[:, 0] / pen <= fin_top[:, K - 1])
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                rows = rows.view(n, K)[keep].view(-1)
+                tokens = tokens.view(n, K, -1)[keep].view(keep.numel() * K, -1)
+                sent, limit, scores, fin_top = sent[keep], limit[keep], scores[keep], fin_top[keep]
+            cache.reorder(rows)
+            prev = tokens[:, -1:]
+
+        return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]

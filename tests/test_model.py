@@ -1,0 +1,194 @@
+"""Tests of mt.model on tiny seeded models (each runs in well under a second, the
+overfitting test in a few)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mt.config import ModelConfig
+from mt.model import DecoderCache, Memory, Transformer
+from mt.special import BOS, EOS, PAD
+
+V = 23
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and a busy machine makes OpenMP threads wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed: int = 0, vocab: tuple[int, int] = (V, V), **kw) -> Transformer:
+    opts = dict(d_model=32, heads=4, ffn_dim=64, layers=2, decoder_layers=0, dropout=0.1, max_positions=64)
+    opts.update(kw)
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**opts), *vocab).eval()
+
+
+def sentences(lengths: list[int], vocab: int = V, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (n - 1,), generator=g).tolist() + [EOS] for n in lengths]
+
+
+def pad(rows: list[list[int]], width: int | None = None) -> torch.Tensor:
+    width = width or max(map(len, rows))
+    return torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+
+
+def test_shapes():
+    model = tiny()
+    src = pad(sentences([5, 7, 3]))
+    tgt = pad([[BOS] + s for s in sentences([4, 6, 2], seed=2)])
+    memory = model.encode(src)
+    assert isinstance(memory, Memory)
+    assert memory.out.shape == (3, 7, 32)
+    assert memory.src_pad.dtype == torch.bool and memory.src_pad.shape == (3, 7)
+    assert torch.equal(memory.src_pad, src.eq(PAD))
+    logits = model(src, tgt)
+    assert logits.shape == (3, 7, V) and logits.is_contiguous()
+    assert torch.equal(logits, model.decode(tgt, memory))
+
+
+def test_decoder_layers_and_vocab_sizes():
+    model = tiny(layers=2, decoder_layers=3, vocab=(V, 31), tie_embeddings=False)
+    assert len(model.encoder) == 2 and len(model.decoder) == 3
+    src, tgt = pad(sentences([4, 6])), pad(sentences([5, 2], vocab=31))
+    assert model(src, tgt).shape == (2, 5, 31)
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_causal(pre_norm):
+    model = tiny(pre_norm=pre_norm)
+    src = pad(sentences([6, 4]))
+    tgt = pad(sentences([8, 8], seed=3))
+    logits = model(src, tgt)
+    for j in (0, 3, 7):
+        changed = tgt.clone()
+        changed[:, j] = (changed[:, j] + 1 - 4) % (V - 4) + 4
+        other = model(src, changed)
+        torch.testing.assert_close(other[:, :j], logits[:, :j], rtol=0, atol=1e-6)
+        assert not torch.allclose(other[:, j:], logits[:, j:])
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_padding_invariance(pre_norm):
+    model = tiny(pre_norm=pre_norm, learned_positions=not pre_norm)
+    src_rows = sentences([5, 9, 3])
+    tgt_rows = [[BOS] + s for s in sentences([4, 7, 6], seed=4)]
+    src, tgt = pad(src_rows, 12), pad(tgt_rows, 10)  # more padding than needed
+    memory = model.encode(src)
+    logits = model.decode(tgt, memory)
+    for i, (s, t) in enumerate(zip(src_rows, tgt_rows, strict=True)):
+        alone_mem = model.encode(torch.tensor([s]))
+        alone = model.decode(torch.tensor([t]), alone_mem)
+        torch.testing.assert_close(memory.out[i, : len(s)], alone_mem.out[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits[i, : len(t)], alone[0], rtol=0, atol=1e-5)
+
+
+def test_all_padding_row_is_finite():
+    model = tiny()
+    src = torch.tensor([[5, 6, EOS], [PAD, PAD, PAD]])
+    logits = model(src, torch.tensor([[BOS, 7], [BOS, 8]]))
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [dict(pre_norm=True), dict(pre_norm=False), dict(learned_positions=True), dict(activation="gelu")],
+)
+def test_cached_decode_equals_full(opts):
+    model = tiny(**opts)
+    src = pad(sentences([5, 8, 3]))
+    tgt = pad([[BOS] + s for s in sentences([7, 7, 7], seed=5)])
+    memory = model.encode(src)
+    full = model.decode(tgt, memory)  # (3, 8, V)
+
+    cache = model.new_cache()
+    steps = [model.decode(tgt[:, t : t + 1], memory, cache) for t in range(tgt.size(1))]
+    assert cache.length == tgt.size(1)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+
+    # Several new tokens at once, also after a cached prefix (needs an offset causal mask).
+    cache = DecoderCache()
+    chunks = [model.decode(tgt[:, a:b], memory, cache) for a, b in [(0, 3), (3, 4), (4, 8)]]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=0, atol=1e-5)
+
+
+def test_cache_groups_and_reorder():
+    """Rows grouped per sentence (beam search) and reordering, against full decoding."""
+    model = tiny()
+    src = pad(sentences([5, 8, 3]))
+    g = 4
+    memory = model.encode(src)
+    prefixes = torch.randint(4, V, (3 * g, 9), generator=torch.Generator().manual_seed(6))
+    prefixes[:, 0] = BOS
+
+    def full(rows: torch.Tensor, t: int) -> torch.Tensor:
+        # Non-cached reference: each row's whole prefix, its sentence's memory repeated.
+        sent = torch.arange(3).repeat_interleave(g)[rows]
+        return model.decode(prefixes[rows, : t + 1], memory.index_select(sent))[:, -1]
+
+    cache = model.new_cache()
+    rows = torch.arange(3 * g)
+    reorders = {
+        2: torch.tensor([1, 1, 0, 3, 6, 4, 4, 5, 8, 11, 10, 9]),  # within sentences: stays grouped
+        4: torch.tensor([0, 2, 3, 3, 8, 8, 9, 11]),  # drop sentence 1
+        6: torch.tensor([5, 0, 2, 7, 1, 3, 4, 6]),  # mixes sentences: one cross entry per row
+    }
+    for t in range(9):
+        if t in reorders:
+            cache.reorder(reorders[t])
+            rows = rows[reorders[t]]
+        step = model.decode(prefixes[rows, t : t + 1], memory, cache)[:, -1]
+        torch.testing.assert_close(step, full(rows, t), rtol=0, atol=1e-5)
+        if t < 4:
+            assert cache.group == g and cache.cross_kv[0][0].size(0) == 3
+    assert cache.group == 1 and cache.cross_kv[0][0].size(0) == 8
+
+
+def test_tied_weights_share_storage():
+    joint = tiny(tie_embeddings=True)
+    ptr = joint.tgt_embed.weight.data_ptr()
+    assert joint.src_embed.weight.data_ptr() == ptr and joint.out_proj.weight.data_ptr() == ptr
+    assert joint.tgt_embed.weight[PAD].abs().sum() == 0
+
+    split = tiny(tie_embeddings=True, vocab=(V, 31))
+    assert split.out_proj.weight.data_ptr() == split.tgt_embed.weight.data_ptr()
+    assert split.src_embed.weight.data_ptr() != split.tgt_embed.weight.data_ptr()
+
+    untied = tiny(tie_embeddings=False)
+    ptrs = {untied.src_embed.weight.data_ptr(), untied.tgt_embed.weight.data_ptr()}
+    assert len(ptrs | {untied.out_proj.weight.data_ptr()}) == 3
+    n_joint = sum(p.numel() for p in joint.parameters())
+    assert n_joint == sum(p.numel() for p in untied.parameters()) - 2 * V * 32
+
+
+def test_dropout_only_in_training():
+    model = tiny(dropout=0.3, attention_dropout=0.2, activation_dropout=0.2)
+    src, tgt = pad(sentences([5, 4])), pad(sentences([6, 3], seed=7))
+    assert torch.equal(model(src, tgt), model(src, tgt))
+    model.train()
+    assert not torch.equal(model(src, tgt), model(src, tgt))
+
+
+def test_overfits_a_few_pairs():
+    model = tiny(seed=3, dropout=0.0).train()
+    src_rows = sentences([6, 5, 7, 4], seed=8)
+    tgt_rows = sentences([5, 7, 4, 6], seed=9)
+    src = pad(src_rows)
+    tgt_in = pad([[BOS] + t[:-1] for t in tgt_rows])
+    tgt_out = pad(tgt_rows)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        loss = F.cross_entropy(model(src, tgt_in).view(-1, V), tgt_out.view(-1), ignore_index=PAD)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.02
+    model.eval()
+    assert torch.equal(model(src, tgt_in).argmax(-1)[tgt_out.ne(PAD)], tgt_out[tgt_out.ne(PAD)])

@@ -1,0 +1,243 @@
+"""Tests of mt.search on tiny seeded models (a tiny model is trained once, in ~2 s)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mt import search
+from mt.config import ModelConfig
+from mt.model import Transformer
+from mt.search import Hypothesis, beam_search, greedy, max_lengths
+from mt.special import BOS, EOS, PAD
+
+V = 19
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and a busy machine makes OpenMP threads wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed: int = 0, **kw) -> Transformer:
+    opts = dict(d_model=32, heads=4, ffn_dim=64, layers=2, dropout=0.0, max_positions=64)
+    opts.update(kw)
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**opts), V, V).eval()
+
+
+def random_batch(n: int, seed: int, lo: int = 3, hi: int = 9) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(lo, hi, (1,), generator=g))
+        rows.append(torch.randint(4, V, (length - 1,), generator=g).tolist() + [EOS])
+    width = max(map(len, rows))
+    return torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+
+
+def unpad(src: torch.Tensor) -> list[torch.Tensor]:
+    return [row[row.ne(PAD)][None] for row in src]
+
+
+def train_tiny() -> Transformer:
+    """A tiny model trained on 12 fixed random pairs (target: the source reversed, its tokens
+    remapped), so that its distributions are peaked but not trivial."""
+    model = tiny(seed=1, dropout=0.1).train()
+    src = random_batch(12, seed=2)
+    tgt = []
+    for row in src:
+        words = row[row.ne(PAD)][:-1].flip(0)
+        tgt.append(((words * 3) % (V - 4) + 4).tolist() + [EOS])
+    width = max(map(len, tgt))
+    tgt_out = torch.tensor([t + [PAD] * (width - len(t)) for t in tgt])
+    tgt_in = torch.cat([torch.full((12, 1), BOS), tgt_out[:, :-1]], 1).masked_fill(tgt_out.eq(PAD), PAD)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        loss = F.cross_entropy(model(src, tgt_in).view(-1, V), tgt_out.view(-1), ignore_index=PAD)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.train()  # the search must switch to eval itself and restore this
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained() -> Transformer:
+    return train_tiny()
+
+
+def score_of(model: Transformer, src: torch.Tensor, tokens: list[int], ended: bool) -> float:
+    """Teacher-forced log-probability of `tokens` (+ EOS when `ended`) for a (1, S) source."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = tokens + [EOS] if ended else tokens
+        lp = F.log_softmax(model(src, torch.tensor([[BOS] + out[:-1]])).float(), -1)[0]
+    model.train(was_training)
+    return float(lp[torch.arange(len(out)), torch.tensor(out)].sum())
+
+
+def test_greedy_restores_mode_and_returns_lists(trained):
+    src = random_batch(5, seed=3)
+    out = greedy(trained, src)
+    assert trained.training  # restored
+    assert len(out) == 5 and all(isinstance(t, int) for toks in out for t in toks)
+    assert all(EOS not in toks and BOS not in toks and PAD not in toks for toks in out)
+
+
+def test_greedy_translates_training_pairs(trained):
+    src = random_batch(12, seed=2)
+    out = greedy(trained, src)
+    correct = 0
+    for row, toks in zip(src, out, strict=True):
+        words = row[row.ne(PAD)][:-1].flip(0)
+        correct += toks == ((words * 3) % (V - 4) + 4).tolist()
+    assert correct >= 10
+
+
+@pytest.mark.parametrize("model_kind", ["trained", "random"])
+def test_beam_1_equals_greedy(trained, model_kind):
+    model = trained if model_kind == "trained" else tiny(seed=4)
+    src = random_batch(9, seed=5)
+    hyps = beam_search(model, src, beam=1, max_len_a=1.0, max_len_b=3)
+    assert [h[0].tokens for h in hyps] == greedy(model, src, max_len_a=1.0, max_len_b=3)
+
+
+def test_beam_scores_at_least_greedy(trained):
+    src = random_batch(12, seed=6)  # unseen sources: less peaked distributions
+    limits = max_lengths(src, 1.2, 10, 1024).tolist()
+    for alpha in (0.0, 1.0):
+        hyps = beam_search(trained, src, beam=5, alpha=alpha)
+        for row, toks, hs, limit in zip(unpad(src), greedy(trained, src), hyps, limits, strict=True):
+            ended = len(toks) < limit
+            lp = score_of(trained, row, toks, ended)
+            greedy_score = lp / (len(toks) + ended) ** alpha
+            assert hs[0].score >= greedy_score - 1e-4
+
+
+def test_hypothesis_scores_match_model(trained):
+    src = random_batch(6, seed=7)
+    limits = max_lengths(src, 1.2, 10, 1024).tolist()
+    for kind in ("fairseq", "gnmt"):
+        for row, hs, limit in zip(
+            unpad(src),
+            beam_search(trained, src, beam=4, nbest=4, length_penalty=kind, alpha=0.7),
+            limits,
+            strict=True,
+        ):
+            for h in hs:
+                assert isinstance(h, Hypothesis)
+                ended = len(h.tokens) < limit
+                n = len(h.tokens) + ended
+                assert h.logprob == pytest.approx(score_of(trained, row, h.tokens, ended), abs=1e-4)
+                lp = n**0.7 if kind == "fairseq" else ((5 + n) / 6) ** 0.7
+                assert h.score == pytest.approx(h.logprob / lp, abs=1e-5)
+
+
+@pytest.mark.parametrize("model_kind", ["trained", "random"])
+def test_batch_invariance(trained, model_kind, monkeypatch):
+    model = trained if model_kind == "trained" else tiny(seed=8, pre_norm=False, learned_positions=True)
+    src = random_batch(10, seed=9, lo=2, hi=12)
+    kw = dict(max_len_a=0.8, max_len_b=4)
+    one_by_one = [greedy(model, row, **kw)[0] for row in unpad(src)]
+    assert greedy(model, src, **kw) == one_by_one
+    assert greedy(model, torch.cat([src, torch.zeros(10, 3, dtype=torch.long)], 1), **kw) == one_by_one
+    batch = beam_search(model, src, beam=4, nbest=2, **kw)
+    for row, hs in zip(unpad(src), batch, strict=True):
+        alone = beam_search(model, row, beam=4, nbest=2, **kw)[0]
+        assert [h.tokens for h in hs] == [h.tokens for h in alone]
+        assert [h.score for h in hs] == pytest.approx([h.score for h in alone], abs=1e-5)
+    # Big batches are searched in slices (here of 3 sentences): the same results.
+    monkeypatch.setattr(search, "MAX_SCORES_PER_STEP", 3 * 4 * V)
+    sliced = beam_search(model, src, beam=4, nbest=2, **kw)
+    assert [[h.tokens for h in hs] for hs in sliced] == [[h.tokens for h in hs] for hs in batch]
+
+
+def test_nbest_sorted(trained):
+    src = random_batch(6, seed=10)
+    for hs in beam_search(trained, src, beam=5, nbest=3):
+        assert len(hs) == 3
+        assert [h.score for h in hs] == sorted((h.score for h in hs), reverse=True)
+        assert len({tuple(h.tokens) for h in hs}) == 3
+    with pytest.raises(ValueError):
+        beam_search(trained, src, beam=2, nbest=3)
+    with pytest.raises(ValueError):
+        beam_search(trained, src, length_penalty="wu")
+
+
+def test_max_and_min_length(trained):
+    model = tiny(seed=11)
+    src = random_batch(8, seed=12)
+    limits = max_lengths(src, 0.5, 1, 1024)
+    assert limits.tolist() == [max(1, int(0.5 * n + 1)) for n in src.ne(PAD).sum(1).tolist()]
+    for toks, limit in zip(greedy(model, src, max_len_a=0.5, max_len_b=1), limits, strict=True):
+        assert len(toks) <= limit
+    for hs, limit in zip(beam_search(model, src, nbest=3, max_len_a=0.5, max_len_b=1), limits, strict=True):
+        assert all(len(h.tokens) <= limit for h in hs)
+    # The trained model ends its outputs early; min_len forces them longer.
+    src = random_batch(8, seed=13, lo=2, hi=5)
+    assert min(len(t) for t in greedy(trained, src)) < 6
+    assert min(len(t) for t in greedy(trained, src, min_len=6)) >= 6
+    assert min(len(h.tokens) for hs in beam_search(trained, src, nbest=5, min_len=6) for h in hs) >= 6
+
+
+def reference_beam(model, src, beam, nbest, max_len, min_len, alpha):
+    """Beam search for one (1, S) sentence without a cache: every step re-decodes all prefixes."""
+    memory = model.encode(src)
+    mem = memory.index_select(torch.zeros(beam, dtype=torch.long))
+    active = [[] for _ in range(beam)]
+    scores = torch.tensor([0.0] + [float("-inf")] * (beam - 1))
+    finished = []
+    for step in range(max_len):
+        prefixes = torch.tensor([[BOS] + toks for toks in active])
+        lprobs = F.log_softmax(model.decode(prefixes, mem)[:, -1].float(), -1)
+        lprobs[:, [PAD, BOS]] = float("-inf")
+        if step < min_len:
+            lprobs[:, EOS] = float("-inf")
+        cand = (scores[:, None] + lprobs).view(-1)
+        order = cand.argsort(descending=True, stable=True)[: 2 * beam].tolist()
+        pen = (step + 1) ** alpha
+        new_active, new_scores = [], []
+        for rank, i in enumerate(order):
+            k, v, s = i // V, i % V, cand[i]
+            if v == EOS:
+                if rank < beam and torch.isfinite(s):
+                    finished.append((float(s) / pen, active[k]))
+            elif len(new_active) < beam:
+                new_active.append(active[k] + [v])
+                new_scores.append(s)
+        active, scores = new_active, torch.stack(new_scores)
+        if step + 1 == max_len:
+            finished += [
+                (float(s) / pen, a) for a, s in zip(active, scores, strict=True) if torch.isfinite(s)
+            ]
+            break
+        kth = sorted((f[0] for f in finished), reverse=True)[beam - 1] if len(finished) >= beam else -1e30
+        if float(scores[0]) / pen <= kth:
+            break
+    finished.sort(key=lambda f: -f[0])
+    return [toks for _, toks in finished[:nbest]]
+
+
+@pytest.mark.parametrize("model_kind", ["trained", "random"])
+def test_cached_beam_equals_uncached_reference(trained, model_kind):
+    model = trained if model_kind == "trained" else tiny(seed=14)
+    src = random_batch(6, seed=15)
+    limits = max_lengths(src, 1.2, 2, 1024).tolist()
+    for alpha in (0.0, 1.0):
+        batch = beam_search(model, src, beam=3, nbest=3, max_len_a=1.2, max_len_b=2, min_len=2, alpha=alpha)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            refs = [
+                reference_beam(model, row, beam=3, nbest=3, max_len=limit, min_len=2, alpha=alpha)
+                for row, limit in zip(unpad(src), limits, strict=True)
+            ]
+        model.train(was_training)
+        assert [[h.tokens for h in hs] for hs in batch] == refs
