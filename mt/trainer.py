@@ -64,6 +64,10 @@ class TrainState:
     elapsed: float = 0.0  # training seconds before this process started
     nonfinite_in_row: int = 0
     last_valid_step: int = -1
+    # Token-weighted sums since the last log line (checkpointed, so a resumed run logs alike).
+    win_loss: float = 0.0
+    win_nll: float = 0.0
+    win_tokens: float = 0.0
 
 
 # --------------------------------------------------------------------------- set-up
@@ -434,29 +438,37 @@ class Trainer:
                 batches = self.batcher.epoch_batches(s.epoch)
                 while s.batch_pos < len(batches) and self._budget_left(t0) and not self.stop_requested:
                     chunk = batches[s.batch_pos : s.batch_pos + t.accum_steps]
+                    lr = self.optimizer.param_groups[0]["lr"]
                     out = self.update([_collate(self.train_split, idx) for idx in chunk])
                     s.batch_pos += len(chunk)
                     s.step += 1
                     set_lr(self.optimizer, lr_at(s.step + 1, t, self.cfg.model.d_model))
                     self._check_finite(out)
                     tok_count += out["tokens"]
+                    if out["finite"]:
+                        s.win_loss += out["loss"] * out["tokens"]
+                        s.win_nll += out["nll"] * out["tokens"]
+                        s.win_tokens += out["tokens"]
                     bar.update(1)
                     if s.step % t.log_every == 0:
+                        # Averages over the updates since the last line, weighted by tokens.
                         tok_s = tok_count / max(time.time() - tok_t0, 1e-9)
-                        lr = self.optimizer.param_groups[0]["lr"]
-                        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                        n = max(s.win_tokens, 1.0)
+                        loss, nll = s.win_loss / n, s.win_nll / n
+                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
                         self.log.write(
                             step=s.step,
                             epoch=s.epoch,
                             kind="train",
-                            loss=out["loss"],
-                            nll=out["nll"],
-                            ppl=math.exp(min(out["nll"], 50.0)),
+                            loss=loss,
+                            nll=nll,
+                            ppl=math.exp(min(nll, 50.0)),
                             lr=lr,
                             grad_norm=out["grad_norm"],
                             tok_s=tok_s,
                         )
                         tok_count, tok_t0 = 0.0, time.time()
+                        s.win_loss = s.win_nll = s.win_tokens = 0.0
                     if t.valid_every and s.step % t.valid_every == 0:
                         s.elapsed += time.time() - t0
                         t0 = time.time()
