@@ -39,6 +39,19 @@ def _copy(dst: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None 
             dst.bias.copy_(bias)
 
 
+def _copy_split(attn: torch.nn.Module, names: tuple[str, ...], fused: torch.nn.Linear) -> None:
+    """Our fused projection (q|k|v or k|v stacked on the output axis) -> HF's separate ones."""
+    parts = zip(names, fused.weight.chunk(len(names)), fused.bias.chunk(len(names)), strict=True)
+    for name, w, b in parts:
+        _copy(getattr(attn, name), w, b)
+
+
+def _copy_ffn(theirs: torch.nn.Module, ours: torch.nn.Module) -> None:
+    _copy(theirs.fc1, ours.ffn.fc1.weight, ours.ffn.fc1.bias)
+    _copy(theirs.fc2, ours.ffn.fc2.weight, ours.ffn.fc2.bias)
+    _copy(theirs.final_layer_norm, ours.ffn_norm.weight, ours.ffn_norm.bias)
+
+
 def to_hf(model: Transformer):  # -> transformers PreTrainedModel
     """A Hugging Face model computing (nearly, see the module doc) what `model` computes."""
     from transformers import MarianConfig, MarianMTModel, MBartConfig, MBartForConditionalGeneration
@@ -86,41 +99,19 @@ def to_hf(model: Transformer):  # -> transformers PreTrainedModel
         _copy(core.encoder.layer_norm, model.enc_norm.weight, model.enc_norm.bias)
         _copy(core.decoder.layer_norm, model.dec_norm.weight, model.dec_norm.bias)
     for ours, theirs in zip(model.encoder, core.encoder.layers, strict=True):
-        for name, w, b in zip(
-            ("q_proj", "k_proj", "v_proj"),
-            ours.attn.qkv.weight.chunk(3),
-            ours.attn.qkv.bias.chunk(3),
-            strict=True,
-        ):
-            _copy(getattr(theirs.self_attn, name), w, b)
+        _copy_split(theirs.self_attn, ("q_proj", "k_proj", "v_proj"), ours.attn.qkv)
         _copy(theirs.self_attn.out_proj, ours.attn.out.weight, ours.attn.out.bias)
         _copy(theirs.self_attn_layer_norm, ours.attn_norm.weight, ours.attn_norm.bias)
-        _copy(theirs.fc1, ours.ffn.fc1.weight, ours.ffn.fc1.bias)
-        _copy(theirs.fc2, ours.ffn.fc2.weight, ours.ffn.fc2.bias)
-        _copy(theirs.final_layer_norm, ours.ffn_norm.weight, ours.ffn_norm.bias)
+        _copy_ffn(theirs, ours)
     for ours, theirs in zip(model.decoder, core.decoder.layers, strict=True):
-        for name, w, b in zip(
-            ("q_proj", "k_proj", "v_proj"),
-            ours.self_attn.qkv.weight.chunk(3),
-            ours.self_attn.qkv.bias.chunk(3),
-            strict=True,
-        ):
-            _copy(getattr(theirs.self_attn, name), w, b)
+        _copy_split(theirs.self_attn, ("q_proj", "k_proj", "v_proj"), ours.self_attn.qkv)
         _copy(theirs.self_attn.out_proj, ours.self_attn.out.weight, ours.self_attn.out.bias)
         _copy(theirs.self_attn_layer_norm, ours.self_norm.weight, ours.self_norm.bias)
         _copy(theirs.encoder_attn.q_proj, ours.cross_attn.q.weight, ours.cross_attn.q.bias)
-        for name, w, b in zip(
-            ("k_proj", "v_proj"),
-            ours.cross_attn.kv.weight.chunk(2),
-            ours.cross_attn.kv.bias.chunk(2),
-            strict=True,
-        ):
-            _copy(getattr(theirs.encoder_attn, name), w, b)
+        _copy_split(theirs.encoder_attn, ("k_proj", "v_proj"), ours.cross_attn.kv)
         _copy(theirs.encoder_attn.out_proj, ours.cross_attn.out.weight, ours.cross_attn.out.bias)
         _copy(theirs.encoder_attn_layer_norm, ours.cross_norm.weight, ours.cross_norm.bias)
-        _copy(theirs.fc1, ours.ffn.fc1.weight, ours.ffn.fc1.bias)
-        _copy(theirs.fc2, ours.ffn.fc2.weight, ours.ffn.fc2.bias)
-        _copy(theirs.final_layer_norm, ours.ffn_norm.weight, ours.ffn_norm.bias)
+        _copy_ffn(theirs, ours)
     return hf
 
 
