@@ -140,6 +140,8 @@ def load_hub(cfg: DataConfig, split: str, cache_dir: Path) -> datasets.Dataset:
         ds = datasets.load_dataset(cfg.hub, cfg.hub_config, split=hub_split)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
         where = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "is the hub reachable?"
+        if cfg.local_dir:
+            where += f"; data.local_dir {cfg.local_dir} does not exist, so the hub was tried"
         raise DataError(
             f"data.hub: cannot load '{cfg.hub}' (config {cfg.hub_config}, split '{hub_split}'): "
             f"{type(e).__name__}: {e} ({where})"
