@@ -166,9 +166,9 @@ class FeedForward(nn.Module):
         self.activation_dropout = activation_dropout
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
-        h = self.fc1(x)  # (B, T, ffn)
-        # ReLU in place: h is fresh, and ReLU's backward needs only its output.
-        h = F.gelu(h) if self.gelu else F.relu_(h)
+        # Not in place: fc1's output is a view of a 2-D matmul result, and an in-place op on it
+        # makes autograd copy it back into the base in backward.
+        h = F.gelu(self.fc1(x)) if self.gelu else F.relu(self.fc1(x))  # (B, T, ffn)
         return self.fc2(_dropout(h, self.activation_dropout, self.training))
 
 
