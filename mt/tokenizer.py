@@ -8,7 +8,7 @@ protos to translate.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import sentencepiece as spm
 
@@ -71,7 +71,3 @@ class Tokenizer:
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
         return self.tgt.decode(ids)
 
-
-def iter_sample(texts: Iterator[str]) -> Iterator[str]:
-    """Skip empty strings, which SentencePiece training cannot use."""
-    return (t for t in texts if t)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 # The hub is unreachable here; fail fast instead of retrying for 20 s.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -20,6 +22,18 @@ WORDS_DE = (
     "ein eine der die das mann frau hund katze kind spielt läuft sitzt auf im park ball rot blau".split()
 )
 WORDS_EN = "a an the the the man woman dog cat child plays runs sits on in park ball red blue".split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: the tests' models are tiny, and on a busy 2-core machine a second
+    OpenMP thread makes them many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

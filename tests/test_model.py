@@ -14,14 +14,6 @@ from mt.special import BOS, EOS, PAD
 V = 23
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and a busy machine makes OpenMP threads wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(seed: int = 0, vocab: tuple[int, int] = (V, V), **kw) -> Transformer:
     opts = dict(d_model=32, heads=4, ffn_dim=64, layers=2, decoder_layers=0, dropout=0.1, max_positions=64)
