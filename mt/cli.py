@@ -9,10 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 
+from mt.config import Precision
 from mt.errors import MTError
 
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.lr=5e-4 model.layers=4"
+PRECISIONS = typing.get_args(Precision)
+PRECISION_HELP = (
+    "weights and activations: fp32, bf16 (about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs) "
+    "or fp16 (GPU only); default: the checkpoint's decode.precision"
+)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
@@ -91,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nbest", type=int, default=1, help="print the K best, tab-separated with scores")
     r.add_argument("--max-tokens", type=int, help="source tokens per batch (default: decode.max_tokens)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    r.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     r.add_argument(
         "--errors",
         choices=["strict", "replace"],
@@ -115,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--beam", type=int, help="beam size (default: the config's decode.beam)")
     e.add_argument("--max-tokens", type=int, help="source tokens per batch")
     e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    e.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     e.set_defaults(func=_cmd_evaluate)
 
     a = sub.add_parser(

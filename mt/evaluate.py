@@ -15,7 +15,8 @@ sacreBLEU's defaults (13a tokenization, cased) and chrF, each reported with its
 sacreBLEU signature so that numbers can be compared across papers. Next to the
 checkpoint go `<stem>.<split>.beam<N>.hyp.txt` (the hypotheses, one per line) and
 `<stem>.<split>.beam<N>.json` (scores, signatures and speed); for --src files the
-source file's stem takes the place of the split.
+source file's stem takes the place of the split, and a precision other than fp32
+is added to the name (`...beam5.bf16.json`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from mt.config import DecodeConfig
+from mt.config import DecodeConfig, Precision
 from mt.errors import CheckpointError, DataError, MTError
 from mt.translate import check_options, read_lines, resolve_device, translate_lines, write_atomic
 
@@ -52,10 +53,10 @@ def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
     }
 
 
-def output_paths(ck_path: str | Path, name: str, beam: int) -> tuple[Path, Path]:
+def output_paths(ck_path: str | Path, name: str, beam: int, precision: str = "fp32") -> tuple[Path, Path]:
     """Where the hypotheses and the scores of an evaluation are written."""
     ck_path = Path(ck_path)
-    base = f"{ck_path.stem}.{name}.beam{beam}"
+    base = f"{ck_path.stem}.{name}.beam{beam}" + ("" if precision == "fp32" else f".{precision}")
     return ck_path.with_name(base + ".hyp.txt"), ck_path.with_name(base + ".json")
 
 
@@ -69,16 +70,18 @@ def evaluate_checkpoint(
     name: str = "eval",
     *,
     decode: DecodeConfig | None = None,
+    precision: Precision | None = None,
     write: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Translate `src_lines` with a checkpoint, score against `ref_lines`, write the results.
 
     `beam` None means the checkpoint's decode.beam (or `decode.beam` when `decode` is
-    given, which then replaces the checkpoint's decoding settings). With `write`, the
-    hypotheses and a JSON of the returned dict go next to the checkpoint (see
-    `output_paths`). The dict holds bleu, chrf, their signatures, beam, sentences,
-    seconds (translation only, not loading) and sentences_per_second.
+    given, which then replaces the checkpoint's decoding settings); likewise `precision`
+    (else decode.precision, else the checkpoint's). With `write`, the hypotheses and a
+    JSON of the returned dict go next to the checkpoint (see `output_paths`). The dict
+    holds bleu, chrf, their signatures, beam, precision, sentences, seconds (translation
+    only, not loading) and sentences_per_second.
     """
     from mt.translator import Translator
 
@@ -87,10 +90,13 @@ def evaluate_checkpoint(
     if not src_lines:
         raise DataError(f"{name}: nothing to evaluate (no sentences)")
     check_options(beam, max_tokens)
-    translator = Translator.from_checkpoint(ck_path, resolve_device(device))
+    if precision is None and decode is not None:
+        precision = decode.precision
+    translator = Translator.from_checkpoint(ck_path, resolve_device(device), precision)
     if decode is not None:
-        translator.config.decode = dataclasses.replace(decode)
+        translator.config.decode = dataclasses.replace(decode, precision=translator.config.decode.precision)
     beam = beam or translator.config.decode.beam
+    precision = translator.config.decode.precision
 
     t0 = time.perf_counter()
     hyps = translate_lines(translator, src_lines, beam, 1, max_tokens, progress=progress)
@@ -101,12 +107,13 @@ def evaluate_checkpoint(
         "name": name,
         **score(hyps, list(ref_lines)),
         "beam": beam,
+        "precision": precision,
         "sentences": len(src_lines),
         "seconds": round(seconds, 3),
         "sentences_per_second": round(len(src_lines) / max(seconds, 1e-9), 2),
     }
     if write:
-        hyp_path, json_path = output_paths(ck_path, name, beam)
+        hyp_path, json_path = output_paths(ck_path, name, beam, precision)
         write_atomic(hyp_path, "".join(h + "\n" for h in hyps))
         result["hyp_file"] = str(hyp_path)
         result["json_file"] = str(json_path)
@@ -118,7 +125,8 @@ def summary(result: dict[str, Any]) -> str:
     """One line: what was scored, the scores, and the speed."""
     line = (
         f"{result['name']}: BLEU {result['bleu']:.2f} chrF {result['chrf']:.2f} "
-        f"(beam {result['beam']}, {result['sentences']} sentences, {result['seconds']:.1f}s, "
+        f"(beam {result['beam']}, {result['precision']}, {result['sentences']} sentences, "
+        f"{result['seconds']:.1f}s, "
         f"{result['sentences_per_second']:.1f} sent/s)"
     )
     return line + (f" -> {result['hyp_file']}" if "hyp_file" in result else "")
@@ -198,8 +206,16 @@ def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
         name = args.split
 
     result = evaluate_checkpoint(
-        ck_path, src, ref, args.beam, args.max_tokens, args.device, name,
-        decode=cfg.decode if cfg is not None and not files else None, progress=True,
+        ck_path,
+        src,
+        ref,
+        args.beam,
+        args.max_tokens,
+        args.device,
+        name,
+        decode=cfg.decode if cfg is not None and not files else None,
+        precision=args.precision,
+        progress=True,
     )
     print(report(result))
     return result

@@ -94,7 +94,8 @@ def greedy(
         tokens = torch.empty(B, 0, dtype=torch.long, device=device)  # (n, step) produced so far
         prev = torch.full((B, 1), BOS, dtype=torch.long, device=device)
         for step in range(int(limit.max())):
-            logits = model.decode(prev, memory, cache)[:, -1]  # (n, V)
+            # float32 scores whatever the model's dtype (argmax over bfloat16 is slow on CPU).
+            logits = model.decode(prev, memory, cache)[:, -1].float()  # (n, V)
             nxt = _forbid(logits, step, min_len).argmax(-1)  # (n,)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             done = nxt.eq(EOS) | limit.le(step + 1)

@@ -254,7 +254,7 @@ def translate_cli(args: argparse.Namespace) -> None:
     with AtomicOutput(args.output) if args.output else contextlib.nullcontext() as out:
         from mt.translator import Translator
 
-        translator = Translator.from_checkpoint(args.checkpoint, resolve_device(args.device))
+        translator = Translator.from_checkpoint(args.checkpoint, resolve_device(args.device), args.precision)
         if interactive:
             _interactive(translator, args)
             return

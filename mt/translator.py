@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from mt.checkpoint import load_checkpoint
-from mt.config import Config, DecodeConfig, from_dict
-from mt.errors import CheckpointError
+from mt.config import Config, DecodeConfig, Precision, from_dict
+from mt.errors import CheckpointError, ConfigError
 from mt.model import Transformer
 from mt.search import Hypothesis, beam_search, greedy
 from mt.special import EOS, PAD
@@ -34,6 +34,9 @@ def pick_device(name: str | None) -> torch.device:
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _pad(seqs: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -117,7 +120,11 @@ class Translator:
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer, config: Config, device: torch.device
     ) -> None:
-        self.model = model.to(device).eval()
+        """`config.decode.precision` sets the dtype the model is cast to."""
+        precision = config.decode.precision
+        if precision == "fp16" and device.type == "cpu":
+            raise ConfigError("decode.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
+        self.model = model.to(device=device, dtype=DTYPES[precision]).eval()
         self.tokenizer = tokenizer
         self.config = config
         self.device = device
@@ -125,7 +132,10 @@ class Translator:
         self.max_src_len = config.model.max_positions - 1
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> Translator:
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device | None = None, precision: Precision | None = None
+    ) -> Translator:
+        """`precision` (fp32, bf16, fp16) overrides the checkpoint's decode.precision."""
         dev = device if isinstance(device, torch.device) else pick_device(device)
         ck = load_checkpoint(path)
         try:
@@ -140,6 +150,10 @@ class Translator:
             raise CheckpointError(
                 f"{path}: checkpoint is incomplete or does not match the model ({type(e).__name__}: {first})"
             ) from None
+        if precision is not None:
+            if precision not in DTYPES:
+                raise ConfigError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+            cfg.decode.precision = precision
         return cls(model, tok, cfg, dev)
 
     def _encode(self, lines: Sequence[str], numbers: Sequence[int]) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
 """Decoding-speed benchmark: our search against Hugging Face `generate()` with the same weights.
 
     python scripts/bench_decode.py [CONFIG] [key=value ...] [--checkpoint CK] [--split test]
+                                   [--precision fp32 bf16]
 
 Translates the prepared split (Multi30k test_2016_flickr for the default config: 1,000
 sentences) with beam 5 and greedy, with our incremental search and with `transformers`'
@@ -8,15 +9,19 @@ sentences) with beam 5 and greedy, with our incremental search and with `transfo
 `MBartForConditionalGeneration` for a pre-norm model, `MarianMTModel` for a post-norm one.
 Both get the same length-sorted batches of token ids; tokenization is not timed. Runs are
 interleaved (ours, theirs, ours, theirs) so machine noise hits both alike; the faster of the
-repeats counts. BLEU and mean output length are printed for both as a sanity check: MBart
-adds a LayerNorm on the embeddings that our model does not have (its weights are left at
-identity scale), so its outputs differ slightly from ours for a pre-norm model, while Marian
-computes exactly our post-norm model.
+repeats counts. Each precision casts both models alike (bf16: `model.to(torch.bfloat16)`,
+as `torch_dtype=torch.bfloat16` does in `transformers`), so the ratios compare equal
+arithmetic; the last lines also compare our bf16 with their fp32. BLEU and mean output
+length are printed for both as a sanity check: MBart adds a LayerNorm on the embeddings
+that our model does not have (its weights are left at identity scale), so its outputs
+differ slightly from ours for a pre-norm model, while Marian computes exactly our
+post-norm model.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from mt.evaluate import score
 from mt.model import Transformer
 from mt.prepare import prepare
 from mt.special import BOS, EOS, PAD
-from mt.translator import Translator, _length_batches, _pad, translate_ids
+from mt.translator import DTYPES, Translator, _length_batches, _pad, translate_ids
 
 
 def _copy(dst: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -144,13 +149,14 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="default: <out_dir>/checkpoint_best.pt")
     ap.add_argument("--split", default="test")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
     prepare(cfg, quiet=True)
     data = load_prepared(cfg.prepared_dir)
     ck = Path(args.checkpoint or cfg.out_dir / "checkpoint_best.pt")
     if ck.exists():
-        tr = Translator.from_checkpoint(ck, "cpu")
+        tr = Translator.from_checkpoint(ck, "cpu", "fp32")
         model, note = tr.model, f"trained checkpoint {ck}"
     else:
         torch.manual_seed(0)
@@ -163,31 +169,40 @@ def main() -> None:
     seqs = [np.asarray(split.src(i), dtype=np.int64) for i in range(len(split))]
     refs = data.text(args.split, "tgt")
     dec = cfg.decode
-    hf = to_hf(model)
-    kind = type(hf).__name__
+    hf32 = to_hf(model)
+    kind = type(hf32).__name__
     print(f"\ndecoding {len(seqs)} sentences of '{args.split}', {torch.get_num_threads()} threads; {note}")
-    print(f"  {'':<34}{'seconds':>9}{'sent/s':>9}{'BLEU':>7}{'mean len':>9}")
-    for beam in (5, 1):
-        best = {"mt": float("inf"), kind: float("inf")}
-        outs: dict[str, list[list[int]]] = {}
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            hyps = translate_ids(model, seqs, dec, beam=beam)
-            best["mt"] = min(best["mt"], time.perf_counter() - t)
-            outs["mt"] = [h[0].tokens for h in hyps]
-            t = time.perf_counter()
-            outs[kind] = hf_translate(hf, seqs, beam, dec.max_len_a, dec.max_len_b, dec.max_tokens)
-            best[kind] = min(best[kind], time.perf_counter() - t)
-        for name, secs in best.items():
-            texts = data.tokenizer.decode_tgt(outs[name])
-            bleu = score(texts, refs)["bleu"]
-            mean_len = np.mean([len(o) for o in outs[name]])
-            label = f"{'beam 5' if beam == 5 else 'greedy'}  {name}"
-            print(f"  {label:<34}{secs:>9.2f}{len(seqs) / secs:>9.0f}{bleu:>7.2f}{mean_len:>9.1f}")
-        print(
-            f"  {'':<4}speed-up mt / {kind}: {best[kind] / best['mt']:.2f}x "
-            f"(targets: >= 2x; beam 5 <= 8 s, greedy <= 4 s for 1,000 sentences)"
-        )
+    print(f"  {'':<46}{'seconds':>9}{'sent/s':>9}{'BLEU':>7}{'mean len':>9}")
+    times: dict[tuple[str, str, int], float] = {}
+    for precision in args.precision:
+        # Copies, so that each precision starts from the fp32 weights.
+        ours = copy.deepcopy(model).to(DTYPES[precision])
+        theirs = copy.deepcopy(hf32).to(DTYPES[precision])
+        for beam in (5, 1):
+            search = "beam 5" if beam == 5 else "greedy"
+            best = {"mt": float("inf"), kind: float("inf")}
+            outs: dict[str, list[list[int]]] = {}
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                hyps = translate_ids(ours, seqs, dec, beam=beam)
+                best["mt"] = min(best["mt"], time.perf_counter() - t)
+                outs["mt"] = [h[0].tokens for h in hyps]
+                t = time.perf_counter()
+                outs[kind] = hf_translate(theirs, seqs, beam, dec.max_len_a, dec.max_len_b, dec.max_tokens)
+                best[kind] = min(best[kind], time.perf_counter() - t)
+            for name, secs in best.items():
+                times[name, precision, beam] = secs
+                texts = data.tokenizer.decode_tgt(outs[name])
+                bleu = score(texts, refs)["bleu"]
+                mean_len = np.mean([len(o) for o in outs[name]])
+                label = f"{search} {precision}  {name}"
+                print(f"  {label:<46}{secs:>9.2f}{len(seqs) / secs:>9.0f}{bleu:>7.2f}{mean_len:>9.1f}")
+            print(f"  {'':<4}speed-up mt / {kind}, both {precision}: {best[kind] / best['mt']:.2f}x")
+    print("\n  targets: beam 5 <= 8 s and greedy <= 4 s for 1,000 sentences; >= 2x Hugging Face")
+    if "bf16" in args.precision and "fp32" in args.precision:
+        for beam, search in ((5, "beam 5"), (1, "greedy")):
+            ratio = times[kind, "fp32", beam] / times["mt", "bf16", beam]
+            print(f"  {search}: mt bf16 / {kind} fp32: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
