@@ -147,3 +147,15 @@ def test_config_form_says_to_prepare_first(tmp_path, capsys):
     (cfg.out_dir / "checkpoint_best.pt").write_bytes(b"")  # not reached: the data check comes first
     assert main(["evaluate", str(cfg_path)]) == 2
     assert f"run `mt prepare {cfg_path}` first" in capsys.readouterr().err
+
+
+def test_precision_is_recorded_and_named(tmp_path, capsys, checkpoint):
+    src, ref = synthetic_pairs(4, seed=6)
+    src_file, ref_file = _write(tmp_path / "t.de", src), _write(tmp_path / "t.en", ref)
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--src", str(src_file), "--ref", str(ref_file)]
+    assert main([*argv, "--precision", "bf16"]) == 0
+    assert "(beam 2, bf16, 4 sentences" in capsys.readouterr().out
+    result = json.loads((tmp_path / "model.t.beam2.bf16.json").read_text(encoding="utf-8"))
+    assert result["precision"] == "bf16"
+    assert (tmp_path / "model.t.beam2.bf16.hyp.txt").is_file()
+    assert not (tmp_path / "model.t.beam2.json").exists()  # an fp32 result is not overwritten

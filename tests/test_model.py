@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mt.config import ModelConfig
-from mt.model import DecoderCache, Memory, Transformer
+from mt.model import DecoderCache, Memory, Transformer, _attend
 from mt.special import BOS, EOS, PAD
 
 V = 23
@@ -184,3 +184,46 @@ def test_overfits_a_few_pairs():
     assert loss.item() < 0.02
     model.eval()
     assert torch.equal(model(src, tgt_in).argmax(-1)[tgt_out.ne(PAD)], tgt_out[tgt_out.ne(PAD)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_attention_matches_sdpa(dtype):
+    """At inference on CPU, attention is two matmuls (`_attend`); it computes what sdpa does,
+    with a key-padding mask, with a causal mask, and folded queries of several rows."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 2, t, 8, generator=g) for t in (5, 7, 7))
+    mask = torch.rand(3, 1, 1, 7, generator=g) > 0.4
+    mask[..., 0] = True  # every query sees a key
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=3e-2)
+    cases = [(q, mask, False), (k, None, True), (q, None, False)]
+    for query, m, causal in cases:
+        ref = F.scaled_dot_product_attention(query, k, v, attn_mask=m, is_causal=causal)
+        with torch.inference_mode():
+            out = _attend(query.to(dtype), k.to(dtype), v.to(dtype), m, causal, 0.0)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, **tol)
+
+
+def test_inference_decoding_equals_training_path():
+    """Cached incremental decoding under inference_mode (the matmul attention) gives the
+    logits of one teacher-forced pass with autograd on (sdpa)."""
+    model = tiny()
+    src = pad(sentences([5, 8, 3]))
+    tgt = pad([[BOS] + s for s in sentences([6, 6, 6], seed=7)])
+    full = model.decode(tgt, model.encode(src))
+    with torch.inference_mode():
+        memory, cache = model.encode(src), model.new_cache()
+        steps = torch.cat([model.decode(tgt[:, t : t + 1], memory, cache) for t in range(tgt.size(1))], 1)
+    torch.testing.assert_close(steps, full.detach(), rtol=0, atol=1e-5)
+
+
+def test_bf16_model_stays_close_to_fp32():
+    model = tiny()
+    src = pad(sentences([5, 8, 3]))
+    tgt = pad([[BOS] + s for s in sentences([6, 6, 6], seed=7)])
+    with torch.inference_mode():
+        ref = torch.log_softmax(model.decode(tgt, model.encode(src)), -1)
+        half = model.to(torch.bfloat16)
+        out = torch.log_softmax(half.decode(tgt, half.encode(src)).float(), -1)
+    # bf16 keeps 8 bits of mantissa: log-probabilities within a few hundredths.
+    torch.testing.assert_close(out, ref, rtol=0, atol=0.1)

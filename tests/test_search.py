@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -233,3 +236,15 @@ def test_cached_beam_equals_uncached_reference(trained, model_kind):
             ]
         model.train(was_training)
         assert [[h.tokens for h in hs] for hs in batch] == refs
+
+
+def test_bf16_search_agrees_with_fp32(trained):
+    """A bf16 copy of the trained model finds the same translations; beam 1 is still greedy."""
+    src = random_batch(12, seed=2)  # the training sources: peaked distributions
+    half = copy.deepcopy(trained).to(torch.bfloat16)
+    fp32 = greedy(trained, src, max_len_b=4)
+    assert greedy(half, src, max_len_b=4) == fp32
+    beams = beam_search(half, src, beam=1, max_len_b=4)
+    assert [hs[0].tokens for hs in beams] == fp32
+    assert all(math.isfinite(hs[0].score) for hs in beam_search(half, src, beam=3, max_len_b=4))
+    assert next(half.parameters()).dtype == torch.bfloat16

@@ -332,3 +332,17 @@ def test_subprocess_reads_stdin_and_writes_stdout(checkpoint, translator):
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode("utf-8").split("\n")[:-1] == translator.translate(lines, beam=2)
+
+
+def test_precision_option(tmp_path, capsys, checkpoint, translator):
+    src = write(tmp_path / "in.txt", ("\n".join(SRC[:6]) + "\n\n").encode())
+    rc, out, err = run_cli(capsys, checkpoint, "--input", str(src), "--precision", "bf16", "--beam", "1")
+    assert rc == 0, err
+    lines = out.split("\n")[:-1]
+    assert len(lines) == 7 and lines[-1] == ""
+    assert Translator.from_checkpoint(checkpoint, "cpu", "bf16").model.out_proj.weight.dtype == torch.bfloat16
+    assert translator.model.out_proj.weight.dtype == torch.float32  # the checkpoint's default
+
+    rc, out, err = run_cli(capsys, checkpoint, "--input", str(src), "--precision", "fp16", "--device", "cpu")
+    assert rc == 2 and out == ""
+    assert "decode.precision=fp16 needs a GPU; on CPU use bf16" in err
