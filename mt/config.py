@@ -121,6 +121,9 @@ class DecodeConfig:
     # training model). bf16: about 2x faster on CPUs with AVX512-BF16 or AMX and on
     # GPUs, at the same BLEU here (bench_decode.py); fp16: GPU only.
     precision: Precision = "fp32"
+    # CPU: batches translated at once, each on its own thread (CTranslate2's inter_threads);
+    # torch's threads are shared out among them. 0 = one per torch thread.
+    inter_threads: int = 0
 
 
 @dataclass
@@ -295,6 +298,7 @@ def validate(cfg: Config) -> None:
     _check(dec.min_len >= 0, "decode.min_len", "must be >= 0")
     _check(dec.alpha >= 0, "decode.alpha", "must be >= 0")
     _check(dec.max_tokens >= 1, "decode.max_tokens", "must be >= 1")
+    _check(dec.inter_threads >= 0, "decode.inter_threads", "must be >= 0")
 
 
 # --------------------------------------------------------------------------- loading

@@ -13,7 +13,8 @@ sentences is fast and its output is aligned with its input line for line.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,13 @@ def _length_batches(lengths: np.ndarray, max_tokens: int, max_sentences: int = 5
     return batches
 
 
-@torch.inference_mode()
+def cpu_workers(decode: DecodeConfig, device: torch.device) -> int:
+    """How many batches translate_ids decodes at once: see DecodeConfig.inter_threads."""
+    if device.type != "cpu":
+        return 1
+    return decode.inter_threads or torch.get_num_threads()
+
+
 def translate_ids(
     model: Transformer,
     seqs: Sequence[np.ndarray],
@@ -81,36 +88,71 @@ def translate_ids(
     """Translate token-id sequences (no specials); returns nbest hypotheses per input, in order.
 
     beam 1 with nbest 1 runs greedy search (its hypotheses carry the model's log-probability).
+
+    On CPU, W = cpu_workers() batches are decoded at once, each on its own Python thread
+    with torch's threads shared out among them (1 each by default). Decoding is mostly
+    small operations that one thread runs as fast as two, so W batches side by side beat
+    one batch on W threads (measured: 15-25% on 2 cores). Batches are then cut to at most
+    1/4W of the input, so that the threads finish together. Every sentence is decoded on
+    its own, so the output does not depend on any of this.
     """
     beam = decode.beam if beam is None else beam
     device = device or next(model.parameters()).device
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     results: list[list[Hypothesis]] = [[] for _ in seqs]
-    batches = _length_batches(lengths, max_tokens or decode.max_tokens)
+    budget = max_tokens or decode.max_tokens
+    workers = cpu_workers(decode, device)
+    if workers > 1:
+        budget = min(budget, max(1, int((lengths + 1).sum()) // (4 * workers)))
+    batches = _length_batches(lengths, budget)
+    workers = min(workers, len(batches))
     bar = tqdm(total=len(seqs), desc="translating", unit="sent", disable=not progress, file=sys.stderr)
-    for idx in batches:
-        src = _pad([np.asarray(seqs[i]) for i in idx], device)
-        if beam == 1 and nbest == 1:
-            outs = greedy(
-                model, src, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b, min_len=decode.min_len
-            )
-            hyps = [[Hypothesis(tokens=o, score=float("nan"), logprob=float("nan"))] for o in outs]
-        else:
-            hyps = beam_search(
-                model,
-                src,
-                beam=beam,
-                nbest=nbest,
-                max_len_a=decode.max_len_a,
-                max_len_b=decode.max_len_b,
-                min_len=decode.min_len,
-                length_penalty=decode.length_penalty,
-                alpha=decode.alpha,
-            )
-        for i, h in zip(idx, hyps, strict=True):
-            results[i] = h
+
+    def run(idx: np.ndarray) -> tuple[np.ndarray, list[list[Hypothesis]]]:
+        with torch.inference_mode():  # per thread
+            src = _pad([np.asarray(seqs[i]) for i in idx], device)
+            if beam == 1 and nbest == 1:
+                outs = greedy(
+                    model, src, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b, min_len=decode.min_len
+                )
+                hyps = [[Hypothesis(tokens=o, score=float("nan"), logprob=float("nan"))] for o in outs]
+            else:
+                hyps = beam_search(
+                    model,
+                    src,
+                    beam=beam,
+                    nbest=nbest,
+                    max_len_a=decode.max_len_a,
+                    max_len_b=decode.max_len_b,
+                    min_len=decode.min_len,
+                    length_penalty=decode.length_penalty,
+                    alpha=decode.alpha,
+                )
         bar.update(len(idx))
-    bar.close()
+        return idx, hyps
+
+    # Eval mode is set here, once: the searches would otherwise each save and restore the
+    # mode, and a thread restoring training mode would switch dropout on under another.
+    was_training, threads = model.training, torch.get_num_threads()
+    model.eval()
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        if pool is None:
+            done: Iterable[tuple[np.ndarray, list[list[Hypothesis]]]] = map(run, batches)
+        else:
+            torch.set_num_threads(max(1, threads // workers))
+            # Longest work first, so that no thread is left with a big batch at the end.
+            done = pool.map(run, sorted(batches, key=lambda b: -len(b) * (int(lengths[b].max()) + 1)))
+        for idx, hyps in done:
+            for i, h in zip(idx, hyps, strict=True):
+                results[i] = h
+    finally:
+        if pool is not None:
+            # On an error or Ctrl-C, batches not started are dropped, not run.
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)
+        model.train(was_training)
+        bar.close()
     return results
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from mt.model import Transformer
 from mt.special import BOS, EOS, PAD
 from mt.tokenizer import Tokenizer, train_spm
 from mt.translate import decode_lines, format_nbest, one_line
-from mt.translator import Translator
+from mt.translator import Translator, cpu_workers, translate_ids
 
 # --------------------------------------------------------------------------- a tiny checkpoint
 
@@ -346,3 +347,44 @@ def test_precision_option(tmp_path, capsys, checkpoint, translator):
     rc, out, err = run_cli(capsys, checkpoint, "--input", str(src), "--precision", "fp16", "--device", "cpu")
     assert rc == 2 and out == ""
     assert "decode.precision=fp16 needs a GPU; on CPU use bf16" in err
+
+
+# --------------------------------------------------------------------------- batches on threads
+
+
+def _ids(translator: Translator, n: int) -> list:
+    src, _ = synthetic_pairs(n, seed=9)
+    return translator._encode(src, range(1, n + 1))
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_batches_on_threads_give_the_same_output(translator, beam):
+    seqs = _ids(translator, 40)
+    one = DecodeConfig(beam=beam, max_len_b=5, inter_threads=1)
+    three = DecodeConfig(beam=beam, max_len_b=5, inter_threads=3)
+    assert cpu_workers(three, torch.device("cpu")) == 3
+    assert cpu_workers(three, torch.device("meta")) == 1  # only on CPU
+    model = translator.model.train()  # left as found, with no dropout leaking into the search
+    ref = translate_ids(model, seqs, one, max_tokens=64)
+    out = translate_ids(model, seqs, three, max_tokens=64)
+    assert model.training and torch.get_num_threads() == 1  # restored
+    assert [[h.tokens for h in hs] for hs in out] == [[h.tokens for h in hs] for hs in ref]
+    model.eval()
+
+
+def test_an_error_on_a_thread_stops_the_rest(translator, monkeypatch):
+    calls = []
+
+    def failing(model, src, **kw):  # the first batch fails at once, the others take a while
+        calls.append(src.size(0))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        time.sleep(0.2)
+        return [[] for _ in range(src.size(0))]
+
+    monkeypatch.setattr("mt.translator.greedy", failing)
+    seqs = _ids(translator, 40)
+    with pytest.raises(RuntimeError, match="boom"):
+        translate_ids(translator.model, seqs, DecodeConfig(beam=1, inter_threads=2), max_tokens=16)
+    assert len(calls) <= 3 < len(seqs) // 4  # batches not yet started were dropped
+    assert torch.get_num_threads() == 1 and not translator.model.training
