@@ -379,12 +379,12 @@ def test_an_error_on_a_thread_stops_the_rest(translator, monkeypatch):
         calls.append(src.size(0))
         if len(calls) == 1:
             raise RuntimeError("boom")
-        time.sleep(0.2)
+        time.sleep(1.0)  # while the main thread stops the pool
         return [[] for _ in range(src.size(0))]
 
     monkeypatch.setattr("mt.translator.greedy", failing)
     seqs = _ids(translator, 40)
     with pytest.raises(RuntimeError, match="boom"):
         translate_ids(translator.model, seqs, DecodeConfig(beam=1, inter_threads=2), max_tokens=16)
-    assert len(calls) <= 3 < len(seqs) // 4  # batches not yet started were dropped
+    assert 2 <= len(calls) <= 3  # the failing batch and those already started; the rest dropped
     assert torch.get_num_threads() == 1 and not translator.model.training
