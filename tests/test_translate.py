@@ -386,5 +386,7 @@ def test_an_error_on_a_thread_stops_the_rest(translator, monkeypatch):
     seqs = _ids(translator, 40)
     with pytest.raises(RuntimeError, match="boom"):
         translate_ids(translator.model, seqs, DecodeConfig(beam=1, inter_threads=2), max_tokens=16)
-    assert 2 <= len(calls) <= 3  # the failing batch and those already started; the rest dropped
+    # About 20 batches (of at most 16 tokens): all but the failing one and those already running
+    # on the two threads when it failed are dropped (which of them fails first is a race).
+    assert len(calls) <= 6
     assert torch.get_num_threads() == 1 and not translator.model.training
