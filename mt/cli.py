@@ -17,7 +17,7 @@ from mt.errors import MTError
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.lr=5e-4 model.layers=4"
 PRECISIONS = typing.get_args(Precision)
 PRECISION_HELP = (
-    "weights and activations: fp32, bf16 (about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs) "
+    "weights and activations: fp32, bf16 (1.2-1.5x faster on CPUs with AVX512-BF16/AMX, and on GPUs) "
     "or fp16 (GPU only); default: the checkpoint's decode.precision"
 )
 

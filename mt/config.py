@@ -118,8 +118,8 @@ class DecodeConfig:
     alpha: float = 1.0
     max_tokens: int = 4096  # source tokens per translation batch
     # Weights and activations when translating (training validation always uses the
-    # training model). bf16: about 2x faster on CPUs with AVX512-BF16 or AMX and on
-    # GPUs, at the same BLEU here (bench_decode.py); fp16: GPU only.
+    # training model). bf16: 1.2-1.5x faster on CPUs with AVX512-BF16 or AMX (slower on
+    # CPUs without) and on GPUs, at the same BLEU here (bench_decode.py); fp16: GPU only.
     precision: Precision = "fp32"
     # CPU: batches translated at once, each on its own thread (CTranslate2's inter_threads);
     # torch's threads are shared out among them. 0 = one per torch thread.

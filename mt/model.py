@@ -14,10 +14,10 @@ dropout; masks are only built when needed: target self-attention uses
 `is_causal` (targets are right-padded, so a real token never looks at a pad),
 and the key-padding mask is a broadcast (B, 1, 1, S) boolean, or None when the
 batch has no padding at all (at inference on CPU, where sdpa is slow at these
-sizes, plain matmuls replace it: see `_attend`). Self-attention projects q, k, v with one matmul
-and cross-attention projects k, v with one matmul. On CPU, where drawing random
-numbers is the expensive part of dropout, masks take 16 random bits per element
-instead of 32, and residual dropout is fused into the residual add.
+sizes, plain matmuls replace it: see `_attend`). Self-attention projects q, k, v
+with one matmul and cross-attention projects k, v with one matmul. On CPU, where
+drawing random numbers is the expensive part of dropout, masks take 16 random bits
+per element instead of 32, and residual dropout is fused into the residual add.
 
 Incremental decoding keeps the self-attention keys/values of the tokens decoded
 so far and the cross-attention keys/values of the source in a `DecoderCache`.
