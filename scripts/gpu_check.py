@@ -5,11 +5,14 @@
 
 Synthetic batches (random token ids), so it needs no data set and no hub access.
 MFU = achieved model FLOPs / peak dense bf16 FLOPs of the GPU (--peak-tflops).
+Decoding is timed under bf16 autocast and with the model cast to bf16 (what
+`mt translate --precision bf16` does).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -126,16 +129,18 @@ def main() -> None:
                 f"MFU {100 * mfu:.1f}%",
             )
         )
-    for beam in (5, 1):
-        secs = bench_decode(model, args.sentences, 14, vocab, device, dtype, beam)
-        rows.append(
-            (
-                f"decode beam {beam}, {args.sentences} sentences",
-                f"{secs:.2f} s",
-                f"{args.sentences / secs:,.0f} sent/s",
-                "",
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+    for how, m, amp in (("autocast" if dtype else "fp32", model, dtype), ("cast bf16", cast, None)):
+        for beam in (5, 1):
+            secs = bench_decode(m, args.sentences, 14, vocab, device, amp, beam)
+            rows.append(
+                (
+                    f"decode beam {beam}, {args.sentences} sentences, {how}",
+                    f"{secs:.2f} s",
+                    f"{args.sentences / secs:,.0f} sent/s",
+                    "",
+                )
             )
-        )
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run)"
     print(
         f"\nGPU check on {name}; model d{cfg.model.d_model} {cfg.model.layers}+{cfg.model.layers} layers, "
