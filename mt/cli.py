@@ -18,7 +18,7 @@ OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.lr=5e-4 mode
 PRECISIONS = typing.get_args(Precision)
 PRECISION_HELP = (
     "weights and activations: fp32, bf16 (1.2-1.5x faster on CPUs with AVX512-BF16/AMX, and on GPUs) "
-    "or fp16 (GPU only); default: the checkpoint's decode.precision"
+    "or fp16 (GPU only); default: decode.precision of the CONFIG if given, else of the checkpoint"
 )
 
 

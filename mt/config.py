@@ -122,7 +122,8 @@ class DecodeConfig:
     # CPUs without) and on GPUs, at the same BLEU here (bench_decode.py); fp16: GPU only.
     precision: Precision = "fp32"
     # CPU: batches translated at once, each on its own thread (CTranslate2's inter_threads);
-    # torch's threads are shared out among them. 0 = one per torch thread.
+    # torch's threads are shared out among them (more than torch's threads oversubscribe
+    # the cores). 0 = one per torch thread.
     inter_threads: int = 0
 
 

@@ -95,13 +95,17 @@ def _merge_heads(y: Tensor) -> Tensor:
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, p: float) -> Tensor:
     """softmax(q k^T / sqrt(hd)) v for (B, H, Tq, hd) queries and (B, H, Tk, hd) keys/values.
 
-    sdpa, except for inference on CPU: at translation's sizes (a query or a few per
-    row, a few dozen keys) sdpa's CPU kernels are slower than two plain matmuls,
-    1.2-3x in float32 and 2-5x in bfloat16 (measured on decoding steps); the softmax
-    is then taken in float32. `causal` is only ever set with Tq == Tk (see
-    SelfAttention), where it means the lower triangle.
+    sdpa, except for inference on CPU with few queries per row (decoding steps: 1, or
+    the beam folded into the query axis) or in low precision: there sdpa's CPU kernels
+    are slower than two plain matmuls, 1.2-3x in float32 and 2-5x in bfloat16
+    (measured on decoding steps), while with many float32 queries (an encoder, a
+    teacher-forced validation pass) sdpa is faster. The softmax is taken in float32.
+    `causal` is only ever set with Tq == Tk and no mask (see SelfAttention), where it
+    means the lower triangle. Unlike sdpa, a row with every key masked gives NaN; the
+    model never builds one (see key_padding_mask).
     """
-    if q.device.type != "cpu" or p > 0.0 or torch.is_grad_enabled():
+    plain = q.device.type == "cpu" and p == 0.0 and not torch.is_grad_enabled()
+    if not plain or (q.dtype == torch.float32 and q.size(2) > 8):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(q.size(-1) ** -0.5)  # (B, H, Tq, Tk)
     if causal and q.size(2) > 1:

@@ -40,7 +40,7 @@ from mt.checkpoint import (
 from mt.config import Config, save_config, to_dict
 from mt.dataset import Prepared, PreparedSplit, load_prepared
 from mt.distributed import Dist
-from mt.errors import CheckpointError, MTError
+from mt.errors import CheckpointError, ConfigError, MTError
 from mt.evaluate import score
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
@@ -155,6 +155,9 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = self.dist.device(pick_device(t.device))
+        if cfg.decode.precision == "fp16" and self.device.type == "cpu":
+            # Checked now rather than at the final test, after the whole run.
+            raise ConfigError("decode.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
         self.amp_dtype = _precision(cfg, self.device)
         self.data = _load_data(cfg, self.dist)
         self.train_split = self.data.split("train")
@@ -579,6 +582,7 @@ def final_test(cfg: Config, trainer: Trainer) -> dict[str, Any]:
             results[f"{label}_beam{beam}"] = r
             print(
                 f"test BLEU {r['bleu']:.2f} chrF {r['chrf']:.2f} ({label} checkpoint {path.name}, "
-                f"{'greedy' if beam == 1 else f'beam {beam}'}, {r['seconds']:.1f}s; {r['bleu_signature']})"
+                f"{'greedy' if beam == 1 else f'beam {beam}'}, {r['precision']}, {r['seconds']:.1f}s; "
+                f"{r['bleu_signature']})"
             )
     return results

@@ -13,6 +13,7 @@ sentences is fast and its output is aligned with its input line for line.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,6 +68,21 @@ def _length_batches(lengths: np.ndarray, max_tokens: int, max_sentences: int = 5
     return batches
 
 
+# torch.set_num_threads sets the calling thread's count and also the default that threads
+# started later take, which the pool's threads change; calls that overlap (a server sharing
+# one Translator) take turns, so that none restores a count another one is relying on.
+_THREAD_COUNT = threading.Lock()
+
+
+def _collect(
+    done: Iterable[tuple[np.ndarray, list[list[Hypothesis]]]], results: list[list[list[Hypothesis]]]
+) -> None:
+    """Put each batch's hypotheses in its sentences' places."""
+    for idx, hyps in done:
+        for i, h in zip(idx, hyps, strict=True):
+            results[i] = h
+
+
 def cpu_workers(decode: DecodeConfig, device: torch.device) -> int:
     """How many batches translate_ids decodes at once: see DecodeConfig.inter_threads."""
     if device.type != "cpu":
@@ -105,7 +121,7 @@ def translate_ids(
     if workers > 1:
         budget = min(budget, max(1, int((lengths + 1).sum()) // (4 * workers)))
     batches = _length_batches(lengths, budget)
-    workers = min(workers, len(batches))
+    workers = max(1, min(workers, len(batches)))
     bar = tqdm(total=len(seqs), desc="translating", unit="sent", disable=not progress, file=sys.stderr)
 
     def run(idx: np.ndarray) -> tuple[np.ndarray, list[list[Hypothesis]]]:
@@ -133,24 +149,25 @@ def translate_ids(
 
     # Eval mode is set here, once: the searches would otherwise each save and restore the
     # mode, and a thread restoring training mode would switch dropout on under another.
-    was_training, threads = model.training, torch.get_num_threads()
+    was_training = model.training
     model.eval()
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
-        if pool is None:
-            done: Iterable[tuple[np.ndarray, list[list[Hypothesis]]]] = map(run, batches)
+        if workers == 1:
+            _collect(map(run, batches), results)
         else:
-            torch.set_num_threads(max(1, threads // workers))
             # Longest work first, so that no thread is left with a big batch at the end.
-            done = pool.map(run, sorted(batches, key=lambda b: -len(b) * (int(lengths[b].max()) + 1)))
-        for idx, hyps in done:
-            for i, h in zip(idx, hyps, strict=True):
-                results[i] = h
+            order = sorted(batches, key=lambda b: -len(b) * (int(lengths[b].max()) + 1))
+            with _THREAD_COUNT:
+                threads = torch.get_num_threads()
+                intra = max(1, threads // workers)
+                pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(intra,))
+                try:
+                    _collect(pool.map(run, order), results)
+                finally:
+                    # On an error or Ctrl-C, batches not started are dropped, not run.
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    torch.set_num_threads(threads)
     finally:
-        if pool is not None:
-            # On an error or Ctrl-C, batches not started are dropped, not run.
-            pool.shutdown(wait=True, cancel_futures=True)
-            torch.set_num_threads(threads)
         model.train(was_training)
         bar.close()
     return results

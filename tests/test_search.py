@@ -239,12 +239,14 @@ def test_cached_beam_equals_uncached_reference(trained, model_kind):
 
 
 def test_bf16_search_agrees_with_fp32(trained):
-    """A bf16 copy of the trained model finds the same translations; beam 1 is still greedy."""
+    """A bf16 copy of the trained model finds (nearly) the same translations; beam 1 is still
+    its greedy search."""
     src = random_batch(12, seed=2)  # the training sources: peaked distributions
     half = copy.deepcopy(trained).to(torch.bfloat16)
-    fp32 = greedy(trained, src, max_len_b=4)
-    assert greedy(half, src, max_len_b=4) == fp32
+    fp32, bf16 = greedy(trained, src, max_len_b=4), greedy(half, src, max_len_b=4)
+    # bf16 rounding differs between CPUs (native bf16 instructions or not): a near tie may flip.
+    assert sum(a == b for a, b in zip(fp32, bf16, strict=True)) >= 10
     beams = beam_search(half, src, beam=1, max_len_b=4)
-    assert [hs[0].tokens for hs in beams] == fp32
+    assert [hs[0].tokens for hs in beams] == bf16
     assert all(math.isfinite(hs[0].score) for hs in beam_search(half, src, beam=3, max_len_b=4))
     assert next(half.parameters()).dtype == torch.bfloat16

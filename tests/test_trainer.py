@@ -121,3 +121,18 @@ def test_last_checkpoints_are_averaged_and_scored(tmp_path, corpus):
     assert steps == ["checkpoint_step4.pt", "checkpoint_step6.pt"]
     assert (cfg.out_dir / "checkpoint_avg.pt").exists()
     assert {"best_beam2", "best_beam1", "averaged_beam2", "averaged_beam1"} <= set(result["test"])
+
+
+def test_fp16_decoding_on_cpu_is_refused_before_training(tmp_path, corpus):
+    cfg = _cfg(tmp_path, corpus, "train.device=cpu", "decode.precision=fp16")
+    with pytest.raises(MTError, match="decode.precision=fp16 needs a GPU"):
+        train(cfg)
+    assert not cfg.out_dir.exists() and not cfg.prepared_dir.exists()  # nothing done
+
+
+def test_final_test_uses_decode_precision(tmp_path, corpus, capsys):
+    cfg = _cfg(tmp_path, corpus, "train.max_steps=2", "train.valid_bleu=false", "decode.precision=bf16")
+    result = train(cfg)
+    assert result["test"]["best_beam2"]["precision"] == "bf16"
+    assert (cfg.out_dir / "checkpoint_best.test.beam2.bf16.json").is_file()
+    assert ", bf16, " in capsys.readouterr().out

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from mt.cli import main
 from mt.config import Config, DataConfig, DecodeConfig, ModelConfig, to_dict
 from mt.errors import DataError
 from mt.model import Transformer
+from mt.search import greedy
 from mt.special import BOS, EOS, PAD
 from mt.tokenizer import Tokenizer, train_spm
 from mt.translate import decode_lines, format_nbest, one_line
@@ -390,3 +392,26 @@ def test_an_error_on_a_thread_stops_the_rest(translator, monkeypatch):
     # on the two threads when it failed are dropped (which of them fails first is a race).
     assert len(calls) <= 6
     assert torch.get_num_threads() == 1 and not translator.model.training
+
+
+def test_each_thread_gets_its_share_and_the_count_is_restored(translator, monkeypatch):
+    seen = []
+
+    def counting(model, src, **kw):
+        seen.append(torch.get_num_threads())
+        return greedy(model, src, **kw)
+
+    monkeypatch.setattr("mt.translator.greedy", counting)
+    seqs = _ids(translator, 24)
+    torch.set_num_threads(2)
+    try:
+        translate_ids(translator.model, seqs, DecodeConfig(beam=1, max_len_b=3), max_tokens=64)
+        assert len(seen) > 2 and set(seen) == {1}  # 2 batches at a time, one torch thread each
+        assert torch.get_num_threads() == 2
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]  # threads started afterwards get the caller's count back too
+    finally:
+        torch.set_num_threads(1)
