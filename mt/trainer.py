@@ -40,13 +40,13 @@ from mt.checkpoint import (
 from mt.config import Config, save_config, to_dict
 from mt.dataset import Prepared, PreparedSplit, load_prepared
 from mt.distributed import Dist
-from mt.errors import CheckpointError, ConfigError, MTError
+from mt.errors import CheckpointError, MTError
 from mt.evaluate import score
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
 from mt.prepare import is_up_to_date, prepare, process_alive
 from mt.schedule import lr_at, set_lr
-from mt.translator import pick_device, translate_ids
+from mt.translator import check_precision, pick_device, translate_ids
 
 MAX_NONFINITE_IN_ROW = 5
 
@@ -155,9 +155,7 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = self.dist.device(pick_device(t.device))
-        if cfg.decode.precision == "fp16" and self.device.type == "cpu":
-            # Checked now rather than at the final test, after the whole run.
-            raise ConfigError("decode.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
+        check_precision(cfg.decode.precision, self.device)  # now, not at the final test
         self.amp_dtype = _precision(cfg, self.device)
         self.data = _load_data(cfg, self.dist)
         self.train_split = self.data.split("train")

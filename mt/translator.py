@@ -41,6 +41,12 @@ def pick_device(name: str | None) -> torch.device:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """decode.precision must be one the device can run."""
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("decode.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
+
+
 def _pad(seqs: list[np.ndarray], device: torch.device) -> torch.Tensor:
     """Source ids + EOS, right-padded: (B, S)."""
     width = max(len(s) for s in seqs) + 1
@@ -180,10 +186,8 @@ class Translator:
         self, model: Transformer, tokenizer: Tokenizer, config: Config, device: torch.device
     ) -> None:
         """`config.decode.precision` sets the dtype the model is cast to."""
-        precision = config.decode.precision
-        if precision == "fp16" and device.type == "cpu":
-            raise ConfigError("decode.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
-        self.model = model.to(device=device, dtype=DTYPES[precision]).eval()
+        check_precision(config.decode.precision, device)
+        self.model = model.to(device=device, dtype=DTYPES[config.decode.precision]).eval()
         self.tokenizer = tokenizer
         self.config = config
         self.device = device

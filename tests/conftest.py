@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import random
@@ -24,16 +25,23 @@ WORDS_DE = (
 WORDS_EN = "a an the the the man woman dog cat child plays runs sits on in park ball red blue".split()
 
 
-@pytest.fixture(autouse=True)
+@contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """Run torch on one thread: the tests' models are tiny, and on a busy 2-core machine a second
-    OpenMP thread makes them many times slower."""
+    OpenMP thread makes them many times slower. Also gives the count back after in-process runs
+    that set their own (train.threads)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
 
 
 @pytest.fixture(autouse=True)

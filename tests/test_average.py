@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from test_translate import build_checkpoint, one_thread, tiny_config
+from test_translate import build_checkpoint, tiny_config
 
 from mt.average import average_checkpoints
 from mt.checkpoint import load_checkpoint, save_checkpoint
 from mt.cli import main
 from mt.errors import CheckpointError, MTError
 from mt.translator import Translator
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():  # see test_translate.one_thread
-        yield
 
 
 @pytest.fixture(scope="module")

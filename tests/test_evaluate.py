@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sacrebleu
 from conftest import corpus_config, make_corpus, synthetic_pairs
-from test_translate import build_checkpoint, one_thread
+from test_translate import build_checkpoint
 
 from mt.cli import main
 from mt.config import load_config
@@ -18,12 +17,6 @@ from mt.dataset import load_prepared
 from mt.evaluate import evaluate_checkpoint, score
 from mt.prepare import prepare
 from mt.translator import Translator
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():  # see test_translate.one_thread
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,12 @@ and loading a corpus either works or fails with an MTError, never another except
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-from test_translate import build_checkpoint, one_thread
+from test_translate import build_checkpoint
 
 from mt import sources
 from mt.cli import main
@@ -31,12 +30,6 @@ FAST = settings(
 CHARS = st.characters(exclude_categories=("Cs",))
 LINE = st.text(CHARS.filter(lambda c: c != "\n"), max_size=40)
 LINES = st.lists(LINE, max_size=8)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

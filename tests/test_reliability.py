@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import corpus_config, make_corpus, synthetic_pairs, write_lines
-from test_translate import build_checkpoint, one_thread
+from conftest import corpus_config, make_corpus, one_thread, synthetic_pairs, write_lines
+from test_translate import build_checkpoint
 
 import mt.checkpoint as ckpt_mod
 import mt.trainer as trainer_mod
@@ -168,13 +168,6 @@ sys.exit(main(sys.argv[2:]))
 '''
 
 KILLED = -signal.SIGKILL
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process runs set torch to one thread (train.threads=1); give the next test its count back."""
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

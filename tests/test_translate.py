@@ -6,7 +6,6 @@ and average tests share.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import os
@@ -15,13 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, synthetic_pairs
+from conftest import REPO, one_thread, synthetic_pairs
 
 from mt.checkpoint import save_checkpoint
 from mt.cli import main
@@ -35,24 +33,6 @@ from mt.translate import decode_lines, format_nbest, one_line
 from mt.translator import Translator, cpu_workers, translate_ids
 
 # --------------------------------------------------------------------------- a tiny checkpoint
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: a 16-wide model is all overhead, and on a busy 2-core machine
-    a second thread makes these tests about ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
 
 
 @functools.lru_cache(maxsize=1)
