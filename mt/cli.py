@@ -17,8 +17,9 @@ from mt.errors import MTError
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.lr=5e-4 model.layers=4"
 PRECISIONS = typing.get_args(Precision)
 PRECISION_HELP = (
-    "weights and activations: fp32, bf16 (1.2-1.5x faster on CPUs with AVX512-BF16/AMX, and on GPUs) "
-    "or fp16 (GPU only); default: decode.precision of the CONFIG if given, else of the checkpoint"
+    "weights and activations: fp32, bf16 (1.2-1.5x faster on CPUs with AVX512-BF16/AMX and on GPUs, "
+    "about 5x slower on CPUs without), fp16 (GPU only), or auto (bf16 where it is native, else fp32); "
+    "default: decode.precision of the CONFIG if given, else of the checkpoint"
 )
 
 

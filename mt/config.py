@@ -20,7 +20,7 @@ import yaml
 
 from mt.errors import ConfigError
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -100,7 +100,7 @@ class TrainConfig:
     keep_last: int = 0  # keep this many step checkpoints for averaging
     log_every: int = 50
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     compile: bool = False
     out_dir: str = ""  # empty means runs/<config name>
@@ -118,8 +118,9 @@ class DecodeConfig:
     alpha: float = 1.0
     max_tokens: int = 4096  # source tokens per translation batch
     # Weights and activations when translating (training validation always uses the
-    # training model). bf16: 1.2-1.5x faster on CPUs with AVX512-BF16 or AMX (slower on
-    # CPUs without) and on GPUs, at the same BLEU here (bench_decode.py); fp16: GPU only.
+    # training model). bf16: 1.2-1.5x faster on CPUs with AVX512-BF16 or AMX and on GPUs,
+    # within 0.2 BLEU here (bench_decode.py), but about 5x slower on CPUs that emulate it
+    # (it warns there); fp16: GPU only. auto: bf16 where it is native, else fp32.
     precision: Precision = "fp32"
     # CPU: batches translated at once, each on its own thread (CTranslate2's inter_threads);
     # torch's threads are shared out among them (more than torch's threads oversubscribe

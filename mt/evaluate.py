@@ -33,7 +33,7 @@ from sacrebleu.metrics import BLEU, CHRF
 
 from mt.config import DecodeConfig, Precision
 from mt.errors import CheckpointError, DataError, MTError
-from mt.translate import check_options, read_lines, resolve_device, translate_lines, write_atomic
+from mt.translate import check_options, read_lines, translate_lines, write_atomic
 
 
 def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
@@ -83,6 +83,7 @@ def evaluate_checkpoint(
     holds bleu, chrf, their signatures, beam, precision, sentences, seconds (translation
     only, not loading) and sentences_per_second.
     """
+    from mt.device import pick_device
     from mt.translator import Translator
 
     if len(src_lines) != len(ref_lines):
@@ -92,7 +93,7 @@ def evaluate_checkpoint(
     check_options(beam, max_tokens)
     if precision is None and decode is not None:
         precision = decode.precision
-    translator = Translator.from_checkpoint(ck_path, resolve_device(device), precision)
+    translator = Translator.from_checkpoint(ck_path, pick_device(device), precision)
     if decode is not None:
         translator.config.decode = dataclasses.replace(decode, precision=translator.config.decode.precision)
     beam = beam or translator.config.decode.beam

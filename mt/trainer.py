@@ -39,6 +39,7 @@ from mt.checkpoint import (
 )
 from mt.config import Config, save_config, to_dict
 from mt.dataset import Prepared, PreparedSplit, load_prepared
+from mt.device import decode_precision, pick_device, train_autocast_dtype
 from mt.distributed import Dist
 from mt.errors import CheckpointError, MTError
 from mt.evaluate import score
@@ -46,7 +47,7 @@ from mt.loss import label_smoothed_nll
 from mt.model import Transformer
 from mt.prepare import is_up_to_date, prepare, process_alive
 from mt.schedule import lr_at, set_lr
-from mt.translator import check_precision, pick_device, translate_ids
+from mt.translator import translate_ids
 
 MAX_NONFINITE_IN_ROW = 5
 
@@ -71,18 +72,6 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------- set-up
-
-
-def _precision(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32."""
-    p = cfg.train.precision
-    if device.type != "cuda":
-        if p in ("bf16", "fp16"):
-            print(f"mt train: train.precision={p} needs a GPU; using fp32 on {device}", file=sys.stderr)
-        return None
-    if p == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -154,9 +143,9 @@ class Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = self.dist.device(pick_device(t.device))
-        check_precision(cfg.decode.precision, self.device)  # now, not at the final test
-        self.amp_dtype = _precision(cfg, self.device)
+        self.device = self.dist.device(pick_device(t.device, "train.device"))
+        decode_precision(cfg.decode.precision, self.device)  # errors now, not at the final test
+        self.amp_dtype = train_autocast_dtype(t.precision, self.device)
         self.data = _load_data(cfg, self.dist)
         self.train_split = self.data.split("train")
         self.valid_split = self.data.split("valid") if "valid" in self.data.meta["splits"] else None

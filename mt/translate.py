@@ -37,8 +37,6 @@ from typing import TYPE_CHECKING
 from mt.errors import DataError, MTError
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded: errors in options come fast
-    import torch
-
     from mt.translator import Translator
 
 BOM = "\ufeff"
@@ -196,24 +194,6 @@ def check_options(beam: int | None, max_tokens: int | None, nbest: int = 1) -> N
         raise MTError(f"--max-tokens must be >= 1, got {max_tokens}")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The torch device for --device, with errors a user can act on."""
-    import torch
-
-    from mt.translator import pick_device
-
-    try:
-        device = pick_device(name)
-    except RuntimeError as e:
-        raise MTError(f"--device {name}: not a device name ({e}); use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MTError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise MTError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def _interactive(translator: Translator, args: argparse.Namespace) -> None:
     """Translate each line as it is typed, until end of input."""
     print("mt translate: type a sentence and press Enter (Ctrl-D to quit)", file=sys.stderr)
@@ -252,9 +232,10 @@ def translate_cli(args: argparse.Namespace) -> None:
 
     # Opened before the model is loaded, so a bad output path fails in a second, not after the work.
     with AtomicOutput(args.output) if args.output else contextlib.nullcontext() as out:
+        from mt.device import pick_device
         from mt.translator import Translator
 
-        translator = Translator.from_checkpoint(args.checkpoint, resolve_device(args.device), args.precision)
+        translator = Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision)
         if interactive:
             _interactive(translator, args)
             return

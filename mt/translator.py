@@ -12,6 +12,7 @@ sentences is fast and its output is aligned with its input line for line.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from collections.abc import Iterable, Sequence
@@ -24,27 +25,12 @@ from tqdm import tqdm
 
 from mt.checkpoint import load_checkpoint
 from mt.config import Config, DecodeConfig, Precision, from_dict
-from mt.errors import CheckpointError, ConfigError
+from mt.device import DTYPES, decode_precision, pick_device
+from mt.errors import CheckpointError
 from mt.model import Transformer
 from mt.search import Hypothesis, beam_search, greedy
 from mt.special import EOS, PAD
 from mt.tokenizer import Tokenizer
-
-
-def pick_device(name: str | None) -> torch.device:
-    """'auto'/None -> cuda when available, else cpu."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """decode.precision must be one the device can run."""
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("decode.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
 
 
 def _pad(seqs: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -185,11 +171,13 @@ class Translator:
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer, config: Config, device: torch.device
     ) -> None:
-        """`config.decode.precision` sets the dtype the model is cast to."""
-        check_precision(config.decode.precision, device)
-        self.model = model.to(device=device, dtype=DTYPES[config.decode.precision]).eval()
+        """`config.decode.precision` sets the dtype the model is cast to; `auto` is resolved
+        for `device` and the result recorded in `self.config.decode.precision`."""
+        precision = decode_precision(config.decode.precision, device)
+        self.model = model.to(device=device, dtype=DTYPES[precision]).eval()
         self.tokenizer = tokenizer
-        self.config = config
+        decode = dataclasses.replace(config.decode, precision=precision)
+        self.config = dataclasses.replace(config, decode=decode)
         self.device = device
         # Positions beyond the model's table cannot be encoded: longer inputs are truncated.
         self.max_src_len = config.model.max_positions - 1
@@ -198,7 +186,7 @@ class Translator:
     def from_checkpoint(
         cls, path: str | Path, device: str | torch.device | None = None, precision: Precision | None = None
     ) -> Translator:
-        """`precision` (fp32, bf16, fp16) overrides the checkpoint's decode.precision."""
+        """`precision` (auto, fp32, bf16, fp16) overrides the checkpoint's decode.precision."""
         dev = device if isinstance(device, torch.device) else pick_device(device)
         ck = load_checkpoint(path)
         try:
@@ -214,8 +202,6 @@ class Translator:
                 f"{path}: checkpoint is incomplete or does not match the model ({type(e).__name__}: {first})"
             ) from None
         if precision is not None:
-            if precision not in DTYPES:
-                raise ConfigError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
             cfg.decode.precision = precision
         return cls(model, tok, cfg, dev)
 

@@ -30,11 +30,12 @@ import torch
 
 from mt.config import load_config
 from mt.dataset import load_prepared
+from mt.device import DTYPES
 from mt.evaluate import score
 from mt.model import Transformer
 from mt.prepare import prepare
 from mt.special import BOS, EOS, PAD
-from mt.translator import DTYPES, Translator, _length_batches, _pad, translate_ids
+from mt.translator import Translator, _length_batches, _pad, translate_ids
 
 
 def _copy(dst: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
