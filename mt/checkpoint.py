@@ -14,8 +14,6 @@ scalars are not plain data (np.float64 even passes isinstance(x, float)), so
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import re
 from collections import OrderedDict
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 from mt.errors import CheckpointError
+from mt.files import AtomicFile
 
 FORMAT = "mt-checkpoint"
 VERSION = 1
@@ -66,13 +65,12 @@ def _check_plain(obj: Any, where: str) -> None:
 
 
 def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically: readers see the old file or the complete new one.
+    """Write `state` to `path` atomically (mt.files.AtomicFile): readers see the old file
+    or the complete new one.
 
-    Writes `<name>.tmp-<pid>` in the same directory (os.replace is atomic only within a
-    file system), fsyncs it, renames it over `path`, then fsyncs the directory so the
-    rename itself survives a crash. I/O failures (unwritable or missing directory, disk
-    full) raise CheckpointError; the temp file is removed and an existing checkpoint at
-    `path` is left untouched. A state holding non-plain data raises TypeError (a bug).
+    I/O failures (unwritable or missing directory, disk full) raise CheckpointError; the
+    temp file is removed and an existing checkpoint at `path` is left untouched. A state
+    holding non-plain data raises TypeError (a bug).
     """
     path = Path(path)
     if state.get("format", FORMAT) != FORMAT:
@@ -83,27 +81,12 @@ def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
     full = {"format": FORMAT, "version": VERSION, **body}
     _check_plain(full, "state")
 
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(full, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # also on Ctrl-C: never leave a half-written temp file behind
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports I/O errors as RuntimeError
-            raise CheckpointError(f"cannot save checkpoint {path}: {e}") from e
-        raise
-
-    # Some file systems refuse fsync on a directory; the file is complete either way.
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with AtomicFile(path, "save checkpoint", CheckpointError) as out:
+            torch.save(full, out.file)
+            out.commit()
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports I/O errors as RuntimeError
+        raise CheckpointError(f"cannot save checkpoint {path}: {e}") from e
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -40,13 +40,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_translate(args: argparse.Namespace) -> None:
-    from mt.translate import translate_cli
+    from mt.commands.translate import translate_cli
 
     translate_cli(args)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from mt.evaluate import evaluate_cli
+    from mt.commands.evaluate import evaluate_cli
 
     evaluate_cli(args)
 

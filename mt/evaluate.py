@@ -21,7 +21,6 @@ is added to the name (`...beam5.bf16.json`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -32,8 +31,8 @@ from typing import Any
 from sacrebleu.metrics import BLEU, CHRF
 
 from mt.config import DecodeConfig, Precision
-from mt.errors import CheckpointError, DataError, MTError
-from mt.translate import check_options, read_lines, translate_lines, write_atomic
+from mt.errors import DataError
+from mt.files import write_atomic
 
 
 def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
@@ -84,13 +83,12 @@ def evaluate_checkpoint(
     only, not loading) and sentences_per_second.
     """
     from mt.device import pick_device
-    from mt.translator import Translator
+    from mt.translator import Translator, translate_lines
 
     if len(src_lines) != len(ref_lines):
         raise DataError(f"{name}: {len(src_lines)} source lines but {len(ref_lines)} references")
     if not src_lines:
         raise DataError(f"{name}: nothing to evaluate (no sentences)")
-    check_options(beam, max_tokens)
     if precision is None and decode is not None:
         precision = decode.precision
     translator = Translator.from_checkpoint(ck_path, pick_device(device), precision)
@@ -144,79 +142,3 @@ def report(result: dict[str, Any]) -> str:
             summary(result),
         ]
     )
-
-
-# --------------------------------------------------------------------------- command
-
-
-def _prepared_split(config: str, cfg: Any, split: str) -> tuple[list[str], list[str]]:
-    """Raw source and reference lines of a prepared split, with errors that say what to run."""
-    from mt.dataset import load_prepared
-
-    directory = cfg.prepared_dir
-    if not (directory / "meta.json").is_file():
-        raise DataError(f"{directory}: the data is not prepared; run `mt prepare {config}` first")
-    data = load_prepared(directory)
-    splits = list(data.meta.get("splits", {}))
-    if split not in splits:
-        raise DataError(f"{directory}: no split '{split}'; prepared splits are {', '.join(splits)}")
-    if not (directory / f"{split}.src.txt").is_file():
-        scorable = [s for s in splits if (directory / f"{s}.src.txt").is_file()]
-        raise DataError(
-            f"{directory}: split '{split}' keeps no raw text to score against "
-            f"(only validation and test splits do: {', '.join(scorable) or 'none'})"
-        )
-    return data.text(split, "src"), data.text(split, "tgt")
-
-
-def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
-    """`mt evaluate`: see the module docstring. Prints the scores; returns evaluate_checkpoint's dict."""
-    from mt.config import load_config
-
-    files = args.src is not None or args.ref is not None
-    if files and (args.src is None or args.ref is None):
-        raise MTError("--src and --ref go together: give both files")
-    if args.config is None and not files:
-        raise MTError("give an experiment CONFIG, or --checkpoint CK with --src FILE and --ref FILE")
-    if args.config is None and args.checkpoint is None:
-        raise MTError("--src/--ref need --checkpoint CK (or a CONFIG, to take its best checkpoint)")
-
-    cfg = load_config(args.config, args.overrides) if args.config is not None else None
-    if args.checkpoint is not None:
-        ck_path = Path(args.checkpoint)
-    else:
-        assert cfg is not None
-        ck_path = cfg.out_dir / "checkpoint_best.pt"
-        if not ck_path.is_file():
-            raise CheckpointError(
-                f"no checkpoint {ck_path}; train one with `mt train {args.config}` or pass --checkpoint"
-            )
-
-    if files:
-        src = read_lines(args.src)
-        ref = read_lines(args.ref)
-        if len(src) != len(ref):
-            raise DataError(
-                f"--src {args.src} has {len(src)} lines but --ref {args.ref} has {len(ref)}; "
-                f"they must be line-aligned"
-            )
-        name = Path(args.src).stem
-    else:
-        assert cfg is not None
-        src, ref = _prepared_split(args.config, cfg, args.split)
-        name = args.split
-
-    result = evaluate_checkpoint(
-        ck_path,
-        src,
-        ref,
-        args.beam,
-        args.max_tokens,
-        args.device,
-        name,
-        decode=cfg.decode if cfg is not None and not files else None,
-        precision=args.precision,
-        progress=True,
-    )
-    print(report(result))
-    return result

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from mt import sources
 from mt.config import Config, DataConfig, save_config
 from mt.errors import DataError
+from mt.files import remove_stale, replace_dir, temp_path
 from mt.tokenizer import Tokenizer, load_processor, train_spm
 
 # Bump when the cache layout or the processing changes, so old caches are rebuilt.
@@ -170,33 +170,6 @@ def _count_reasons(ds: datasets.Dataset) -> np.ndarray:
     return counts
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace `out` by the complete `tmp` directory."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale(out: Path) -> None:
-    """Leftovers of runs that were killed: temporary and old directories of this cache."""
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -212,8 +185,8 @@ def prepare(cfg: Config, force: bool = False, quiet: bool = False) -> Path:
 
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_stale(out.parent, f".{out.name}.*-*")  # temporary and old caches of killed runs
+    tmp = temp_path(out, hidden=True)
     shutil.rmtree(tmp, ignore_errors=True)
     scratch = tmp / "scratch"
     scratch.mkdir(parents=True)
@@ -225,7 +198,7 @@ def prepare(cfg: Config, force: bool = False, quiet: bool = False) -> Path:
         shutil.rmtree(scratch)
         meta["seconds"] = round(time.time() - t0, 2)
         (tmp / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _swap_into_place(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,13 +14,15 @@ produced. Returned token lists contain neither BOS nor EOS.
 Every sentence is decoded independently of the others in its batch (padding is
 masked, lengths are per sentence), so results do not depend on how sentences
 are grouped into batches, up to floating-point rounding.
+
+The caller puts the model in eval mode (as for nanoGPT's `generate`): the search
+runs without autograd and leaves the model's mode alone, so batches may be
+searched on several threads at once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,18 +41,6 @@ class Hypothesis:
     tokens: list[int]  # without BOS and EOS
     score: float  # length-normalised log-probability, used for ranking
     logprob: float  # sum of the token log-probabilities (EOS included when produced)
-
-
-@contextmanager
-def _inference(model: Transformer) -> Iterator[None]:
-    """Eval mode (no dropout) and no autograd; the model's previous mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, cap: int) -> Tensor:
@@ -74,6 +64,7 @@ def _forbid(scores: Tensor, step: int, min_len: int) -> Tensor:
     return scores
 
 
+@torch.inference_mode()
 def greedy(
     model: Transformer,
     src: Tensor,
@@ -81,34 +72,46 @@ def greedy(
     max_len_a: float = 1.2,
     max_len_b: int = 10,
     min_len: int = 1,
-) -> list[list[int]]:
-    """Greedy decoding of a (B, S) right-padded source batch -> B token lists (no BOS/EOS)."""
-    with _inference(model):
-        B = src.size(0)
-        device = src.device
-        limit = max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions).to(device)  # (B,)
-        memory = model.encode(src)
-        cache = model.new_cache()
-        out: list[list[int]] = [[] for _ in range(B)]
-        sent = torch.arange(B, device=device)  # sentence of each active row
-        tokens = torch.empty(B, 0, dtype=torch.long, device=device)  # (n, step) produced so far
-        prev = torch.full((B, 1), BOS, dtype=torch.long, device=device)
-        for step in range(int(limit.max())):
-            # float32 scores whatever the model's dtype (argmax over bfloat16 is slow on CPU).
-            logits = model.decode(prev, memory, cache)[:, -1].float()  # (n, V)
-            nxt = _forbid(logits, step, min_len).argmax(-1)  # (n,)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            done = nxt.eq(EOS) | limit.le(step + 1)
-            if bool(done.any()):
-                for s, toks in zip(sent[done].tolist(), tokens[done].tolist(), strict=True):
-                    out[s] = toks[:-1] if toks[-1] == EOS else toks
-                keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                cache.reorder(keep)
-                sent, tokens, limit, nxt = sent[keep], tokens[keep], limit[keep], nxt[keep]
-            prev = nxt[:, None]
-        return out
+    length_penalty: str = "fairseq",
+    alpha: float = 1.0,
+) -> list[Hypothesis]:
+    """Greedy decoding of a (B, S) right-padded source batch -> one hypothesis per sentence.
+
+    Each hypothesis carries its log-probability and its score as beam search computes them
+    (see `beam_search`), so greedy search and beam search with beam=1 return the same.
+    """
+    _penalty(1, length_penalty, alpha)  # validate the kind early
+    B = src.size(0)
+    device = src.device
+    limit = max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions).to(device)  # (B,)
+    memory = model.encode(src)
+    cache = model.new_cache()
+    out: list[Hypothesis] = [Hypothesis([], 0.0, 0.0) for _ in range(B)]
+    sent = torch.arange(B, device=device)  # sentence of each active row
+    tokens = torch.empty(B, 0, dtype=torch.long, device=device)  # (n, step) produced so far
+    logprob = torch.zeros(B, device=device)  # (n,) of the tokens produced so far
+    prev = torch.full((B, 1), BOS, dtype=torch.long, device=device)
+    for step in range(int(limit.max())):
+        # float32 scores whatever the model's dtype (argmax over bfloat16 is slow on CPU).
+        logits = model.decode(prev, memory, cache)[:, -1].float()  # (n, V)
+        norm = logits.logsumexp(-1)  # (n,) before masking: the model's own distribution
+        nxt = _forbid(logits, step, min_len).argmax(-1)  # (n,)
+        logprob += logits.gather(1, nxt[:, None]).squeeze(1) - norm
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        done = nxt.eq(EOS) | limit.le(step + 1)
+        if bool(done.any()):
+            pen = _penalty(step + 1, length_penalty, alpha)
+            ended = sent[done].tolist(), tokens[done].tolist(), logprob[done].tolist()
+            for s, toks, lp in zip(*ended, strict=True):
+                out[s] = Hypothesis(toks[:-1] if toks[-1] == EOS else toks, lp / pen, lp)
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            cache.reorder(keep)
+            sent, tokens, limit, logprob = sent[keep], tokens[keep], limit[keep], logprob[keep]
+            nxt = nxt[keep]
+        prev = nxt[:, None]
+    return out
 
 
 def _penalty(length: int, kind: str, alpha: float) -> float:
@@ -119,6 +122,7 @@ def _penalty(length: int, kind: str, alpha: float) -> float:
     raise ValueError(f"unknown length penalty {kind!r}; expected 'fairseq' or 'gnmt'")
 
 
+@torch.inference_mode()
 def beam_search(
     model: Transformer,
     src: Tensor,
@@ -169,69 +173,68 @@ def beam_search(
         kw.update(length_penalty=length_penalty, alpha=alpha)
         slices = (src[i : i + per_call] for i in range(0, src.size(0), per_call))
         return [hyps for part in slices for hyps in beam_search(model, part, **kw)]
-    with _inference(model):
-        B = src.size(0)
-        device = src.device
-        limit = max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions).to(device)  # (n,)
-        memory = model.encode(src)
-        cache = model.new_cache()
-        finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-        sent = torch.arange(B, device=device)  # (n,) sentence of each active group of rows
-        # Cumulative log-probs of the active hypotheses, (n, k) with k rows per sentence: the
-        # first step extends the BOS prefix once per sentence (k = 1), later steps K beams.
-        scores = torch.zeros(B, 1, device=device)
-        fin_top = torch.full((B, K), float("-inf"), device=device)  # (n, K) best finished scores
-        tokens = torch.empty(B, 0, dtype=torch.long, device=device)  # (n*k, step)
-        prev = torch.full((B, 1), BOS, dtype=torch.long, device=device)
-        ranks = torch.arange(2 * K, device=device)
+    B = src.size(0)
+    device = src.device
+    limit = max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions).to(device)  # (n,)
+    memory = model.encode(src)
+    cache = model.new_cache()
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    sent = torch.arange(B, device=device)  # (n,) sentence of each active group of rows
+    # Cumulative log-probs of the active hypotheses, (n, k) with k rows per sentence: the
+    # first step extends the BOS prefix once per sentence (k = 1), later steps K beams.
+    scores = torch.zeros(B, 1, device=device)
+    fin_top = torch.full((B, K), float("-inf"), device=device)  # (n, K) best finished scores
+    tokens = torch.empty(B, 0, dtype=torch.long, device=device)  # (n*k, step)
+    prev = torch.full((B, 1), BOS, dtype=torch.long, device=device)
+    ranks = torch.arange(2 * K, device=device)
 
-        for step in range(int(limit.max())):
-            n, k = scores.shape
-            length = step + 1  # tokens scored by every candidate of this step
-            pen = _penalty(length, length_penalty, alpha)
-            logits = model.decode(prev, memory, cache)[:, -1].float()  # (n*k, V)
-            # The model's distribution, masked (not renormalised) where tokens are forbidden.
-            cand = _forbid(torch.log_softmax(logits, -1).add_(scores.view(-1, 1)), step, min_len)
-            c_scores, c_idx = cand.view(n, k * V).topk(2 * K, dim=1)  # (n, 2K), best first
-            c_parent, c_tok = c_idx // V, c_idx % V
-            is_eos = c_tok.eq(EOS)
+    for step in range(int(limit.max())):
+        n, k = scores.shape
+        length = step + 1  # tokens scored by every candidate of this step
+        pen = _penalty(length, length_penalty, alpha)
+        logits = model.decode(prev, memory, cache)[:, -1].float()  # (n*k, V)
+        # The model's distribution, masked (not renormalised) where tokens are forbidden.
+        cand = _forbid(torch.log_softmax(logits, -1).add_(scores.view(-1, 1)), step, min_len)
+        c_scores, c_idx = cand.view(n, k * V).topk(2 * K, dim=1)  # (n, 2K), best first
+        c_parent, c_tok = c_idx // V, c_idx % V
+        is_eos = c_tok.eq(EOS)
 
-            # EOS among the first K candidates: finished hypotheses.
-            eos_top = is_eos[:, :K] & c_scores[:, :K].isfinite()
-            if bool(eos_top.any()):
-                si, ki = eos_top.nonzero(as_tuple=True)
-                parent_rows = si * k + c_parent[si, ki]
-                lps = c_scores[si, ki]
-                for s, toks, lp in zip(
-                    sent[si].tolist(), tokens[parent_rows].tolist(), lps.tolist(), strict=True
-                ):
-                    finished[s].append(Hypothesis(toks, lp / pen, lp))
-                new = torch.where(eos_top, c_scores[:, :K] / pen, float("-inf"))
-                fin_top = torch.cat([fin_top, new], dim=1).topk(K, dim=1).values
+        # EOS among the first K candidates: finished hypotheses.
+        eos_top = is_eos[:, :K] & c_scores[:, :K].isfinite()
+        if bool(eos_top.any()):
+            si, ki = eos_top.nonzero(as_tuple=True)
+            parent_rows = si * k + c_parent[si, ki]
+            lps = c_scores[si, ki]
+            for s, toks, lp in zip(
+                sent[si].tolist(), tokens[parent_rows].tolist(), lps.tolist(), strict=True
+            ):
+                finished[s].append(Hypothesis(toks, lp / pen, lp))
+            new = torch.where(eos_top, c_scores[:, :K] / pen, float("-inf"))
+            fin_top = torch.cat([fin_top, new], dim=1).topk(K, dim=1).values
 
-            # The K best non-EOS candidates stay active (there are at most K EOS among 2K).
-            sel = (ranks + is_eos * (2 * K)).topk(K, dim=1, largest=False).indices  # (n, K) in rank order
-            scores = c_scores.gather(1, sel)  # (n, K), best first
-            rows = (torch.arange(n, device=device)[:, None] * k + c_parent.gather(1, sel)).view(-1)  # (n*K,)
-            tokens = torch.cat([tokens[rows], c_tok.gather(1, sel).view(-1, 1)], dim=1)  # (n*K, step+1)
+        # The K best non-EOS candidates stay active (there are at most K EOS among 2K).
+        sel = (ranks + is_eos * (2 * K)).topk(K, dim=1, largest=False).indices  # (n, K) in rank order
+        scores = c_scores.gather(1, sel)  # (n, K), best first
+        rows = (torch.arange(n, device=device)[:, None] * k + c_parent.gather(1, sel)).view(-1)  # (n*K,)
+        tokens = torch.cat([tokens[rows], c_tok.gather(1, sel).view(-1, 1)], dim=1)  # (n*K, step+1)
 
-            # Sentences at their max length: the active hypotheses end here, without EOS.
-            at_max = limit.le(length)
-            if bool(at_max.any()):
-                ended = sent[at_max].tolist(), tokens.view(n, K, -1)[at_max].tolist(), scores[at_max].tolist()
-                for s, beams, lps in zip(*ended, strict=True):
-                    for toks, lp in zip(beams, lps, strict=True):
-                        if lp > -math.inf:
-                            finished[s].append(Hypothesis(toks, lp / pen, lp))
-            done = at_max | (scores[:, 0] / pen <= fin_top[:, K - 1])
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                rows = rows.view(n, K)[keep].view(-1)
-                tokens = tokens.view(n, K, -1)[keep].view(keep.numel() * K, -1)
-                sent, limit, scores, fin_top = sent[keep], limit[keep], scores[keep], fin_top[keep]
-            cache.reorder(rows)
-            prev = tokens[:, -1:]
+        # Sentences at their max length: the active hypotheses end here, without EOS.
+        at_max = limit.le(length)
+        if bool(at_max.any()):
+            ended = sent[at_max].tolist(), tokens.view(n, K, -1)[at_max].tolist(), scores[at_max].tolist()
+            for s, beams, lps in zip(*ended, strict=True):
+                for toks, lp in zip(beams, lps, strict=True):
+                    if lp > -math.inf:
+                        finished[s].append(Hypothesis(toks, lp / pen, lp))
+        done = at_max | (scores[:, 0] / pen <= fin_top[:, K - 1])
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            rows = rows.view(n, K)[keep].view(-1)
+            tokens = tokens.view(n, K, -1)[keep].view(keep.numel() * K, -1)
+            sent, limit, scores, fin_top = sent[keep], limit[keep], scores[keep], fin_top[keep]
+        cache.reorder(rows)
+        prev = tokens[:, -1:]
 
-        return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]
+    return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]

@@ -20,6 +20,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,10 @@ from mt.device import decode_precision, pick_device, train_autocast_dtype
 from mt.distributed import Dist
 from mt.errors import CheckpointError, MTError
 from mt.evaluate import score
+from mt.files import remove_stale
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
-from mt.prepare import is_up_to_date, prepare, process_alive
+from mt.prepare import is_up_to_date, prepare
 from mt.schedule import lr_at, set_lr
 from mt.translator import translate_ids
 
@@ -72,29 +74,6 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------- set-up
-
-
-def _optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    # No weight decay on biases, norms and embeddings' padding-free 1-D parameters.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    t = cfg.train
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr,
-        betas=(t.betas[0], t.betas[1]),
-        eps=t.eps,
-        # The fused kernel is about twice as fast as the per-tensor loop, on CPU too.
-        fused=device.type in ("cuda", "cpu"),
-    )
-
-
-def _load_data(cfg: Config, dist: Dist) -> Prepared:
-    if dist.is_main and not is_up_to_date(cfg):
-        print(f"mt train: data for '{cfg.name}' is not prepared (or out of date); preparing it first")
-        prepare(cfg)
-    dist.barrier()
-    return load_prepared(cfg.prepared_dir)
 
 
 def _collate(split: PreparedSplit, idx: np.ndarray) -> Batch:
@@ -137,48 +116,125 @@ class MetricsLog:
 
 
 class Trainer:
+    """Set-up is a sequence of small builders, in the order their dependencies need."""
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.dist = Dist.from_env()
         t = cfg.train
+        self.dist = Dist.from_env()
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = self.dist.device(pick_device(t.device, "train.device"))
         decode_precision(cfg.decode.precision, self.device)  # errors now, not at the final test
         self.amp_dtype = train_autocast_dtype(t.precision, self.device)
-        self.data = _load_data(cfg, self.dist)
-        self.train_split = self.data.split("train")
-        self.valid_split = self.data.split("valid") if "valid" in self.data.meta["splits"] else None
-        tok = self.data.tokenizer
-
-        # Seed everything before the model exists, so initial weights depend on the seed only.
-        random.seed(t.seed)
-        np.random.seed(t.seed)
-        torch.manual_seed(t.seed)
-        self.model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size).to(self.device)
-        # Every rank starts from the same weights, but each draws its own dropout masks.
-        torch.manual_seed(t.seed + 1000 * self.dist.rank)
-        self.optimizer = _optimizer(self.model, cfg, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.state = TrainState()
         self.out = cfg.out_dir
         self.last_path = self.out / "checkpoint_last.pt"
         self.best_path = self.out / "checkpoint_best.pt"
 
-        resumed = self.last_path.exists()
-        if resumed:
-            self._resume()
+        self.data = self._build_data()
+        self.train_split = self.data.split("train")
+        self.valid_split = self.data.split("valid") if "valid" in self.data.meta["splits"] else None
+        self.raw_model = self._build_model()  # seeds the RNGs: weights depend on train.seed only
+        self.optimizer = self._build_optimizer()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.state = TrainState()
+        resumed = self._resume()  # weights, optimizer, scaler, counters and RNG of checkpoint_last
+        self._make_out_dir()
+        self.model = self._wrap(self.raw_model)  # what the updates call: DDP and/or compiled
+        self.batcher = self._build_batcher()
+        resume_step = self.state.step if resumed else None
+        self.log = MetricsLog(self.out / "metrics.jsonl", resume_step, self.dist.is_main)
+        self.stop_requested = False
+        self.early_stop = False
+
+    def _build_data(self) -> Prepared:
+        """The prepared cache; rank 0 prepares it first when it is missing or out of date."""
+        if self.dist.is_main and not is_up_to_date(self.cfg):
+            name = self.cfg.name
+            print(f"mt train: data for '{name}' is not prepared (or out of date); preparing it first")
+            prepare(self.cfg)
+        self.dist.barrier()
+        return load_prepared(self.cfg.prepared_dir)
+
+    def _build_model(self) -> Transformer:
+        seed = self.cfg.train.seed
+        # Seed everything before the model exists, so initial weights depend on the seed only.
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        tok = self.data.tokenizer
+        model = Transformer(self.cfg.model, tok.src_vocab_size, tok.tgt_vocab_size).to(self.device)
+        # Every rank starts from the same weights, but each draws its own dropout masks.
+        torch.manual_seed(seed + 1000 * self.dist.rank)
+        return model
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        # No weight decay on biases, norms and embeddings' padding-free 1-D parameters.
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        t = self.cfg.train
+        return torch.optim.AdamW(
+            [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=t.lr,
+            betas=(t.betas[0], t.betas[1]),
+            eps=t.eps,
+            # The fused kernel is about twice as fast as the per-tensor loop, on CPU too.
+            fused=self.device.type in ("cuda", "cpu"),
+        )
+
+    def _resume(self) -> bool:
+        """Continue from checkpoint_last.pt when there is one; returns whether there was."""
+        if not self.last_path.exists():
+            return False
+        ck = load_checkpoint(self.last_path, map_location="cpu")
+        if ck["config"]["model"] != to_dict(self.cfg)["model"]:
+            raise CheckpointError(
+                f"{self.last_path} was trained with a different model config; use another "
+                f"train.out_dir or delete the directory to start over"
+            )
+        if ck.get("world_size", 1) != self.dist.world_size:
+            raise CheckpointError(
+                f"{self.last_path} was written by a run on {ck['world_size']} processes; resume with the "
+                f"same number (now {self.dist.world_size}) to continue exactly"
+            )
+        self.raw_model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.state = TrainState(**ck["state"])
+        set_rng_state(ck["rng_ranks"][self.dist.rank])
         if self.dist.is_main:
-            self._make_out_dir()
-            save_config(cfg, self.out / "config.yaml")
+            s = self.state
+            print(f"mt train: resuming from {self.last_path} at step {s.step}, epoch {s.epoch}")
+        return True
+
+    def _make_out_dir(self) -> None:
+        """Rank 0 makes sure it can write the run directory, and writes the resolved config."""
+        if self.dist.is_main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                # Temporary files of runs killed mid-save are never checkpoints; clear them away.
+                remove_stale(self.out, "*.pt.tmp-*")
+                probe = self.out / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise MTError(f"train.out_dir: cannot write to {self.out}: {e.strerror or e}") from None
+            save_config(self.cfg, self.out / "config.yaml")
         self.dist.barrier()
 
-        self.ddp = self.dist.wrap(self.model)
-        if t.compile:
+    def _wrap(self, model: Transformer) -> torch.nn.Module:
+        wrapped = self.dist.wrap(model)
+        if self.cfg.train.compile:
             # Batch shapes vary from step to step; dynamic shapes avoid a recompile for each.
-            self.ddp = torch.compile(self.ddp, dynamic=True)
+            wrapped = torch.compile(wrapped, dynamic=True)
+        return wrapped
+
+    def _build_batcher(self) -> TokenBatcher:
+        t = self.cfg.train
         try:
-            self.batcher = TokenBatcher(
+            return TokenBatcher(
                 self.train_split.src_lens,
                 self.train_split.tgt_lens,
                 t.max_tokens,
@@ -188,24 +244,6 @@ class Trainer:
             )
         except ValueError as e:
             raise MTError(f"train.max_tokens: {e}") from None
-        self.log = MetricsLog(
-            self.out / "metrics.jsonl", self.state.step if resumed else None, self.dist.is_main
-        )
-        self.stop_requested = False
-
-    def _make_out_dir(self) -> None:
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            # Temporary files of runs killed mid-save are never checkpoints; clear them away.
-            for tmp in self.out.glob("*.pt.tmp-*"):
-                pid = tmp.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-                    tmp.unlink(missing_ok=True)
-            probe = self.out / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise MTError(f"train.out_dir: cannot write to {self.out}: {e.strerror or e}") from None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -216,7 +254,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "spm_src": tok.src_proto,
             "spm_tgt": tok.tgt_proto,
-            "model": self.model.state_dict(),
+            "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "state": asdict(self.state),
@@ -232,6 +270,7 @@ class Trainer:
         checkpoint_last is written last: a crash before it is complete resumes from the
         previous one and redoes this save, so no best or step checkpoint is ever lost.
         """
+        self.state.elapsed = self._elapsed()
         rngs = self.dist.gather(rng_state())
         if self.dist.is_main:
             state = self._checkpoint_state(metrics, rngs)
@@ -243,27 +282,6 @@ class Trainer:
             if self.cfg.train.keep_last:
                 keep_last(self.out, self.cfg.train.keep_last)
         self.dist.barrier()
-
-    def _resume(self) -> None:
-        ck = load_checkpoint(self.last_path, map_location="cpu")
-        if ck["config"]["model"] != to_dict(self.cfg)["model"]:
-            raise CheckpointError(
-                f"{self.last_path} was trained with a different model config; use another "
-                f"train.out_dir or delete the directory to start over"
-            )
-        if ck.get("world_size", 1) != self.dist.world_size:
-            raise CheckpointError(
-                f"{self.last_path} was written by a run on {ck['world_size']} processes; resume with the "
-                f"same number (now {self.dist.world_size}) to continue exactly"
-            )
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scaler.load_state_dict(ck["scaler"])
-        self.state = TrainState(**ck["state"])
-        set_rng_state(ck["rng_ranks"][self.dist.rank])
-        if self.dist.is_main:
-            s = self.state
-            print(f"mt train: resuming from {self.last_path} at step {s.step}, epoch {s.epoch}")
 
     # ------------------------------------------------------------------ one update
 
@@ -287,15 +305,15 @@ class Trainer:
                 batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=True)
             sync = i == len(batches) - 1
-            with self.dist.no_sync(self.ddp, sync), self._autocast():
-                logits = self.ddp(batch.src, batch.tgt_in)  # (B, T, V)
+            with self.dist.no_sync(self.model, sync), self._autocast():
+                logits = self.model(batch.src, batch.tgt_in)  # (B, T, V)
                 loss, nll = label_smoothed_nll(logits, batch.tgt_out, t.label_smoothing)
             self.scaler.scale(loss / norm).backward()
             loss_total += loss.detach()
             nll_total += nll.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), t.clip_norm if t.clip_norm > 0 else float("inf")
+            self.raw_model.parameters(), t.clip_norm if t.clip_norm > 0 else float("inf")
         )
         stats = torch.stack([loss_total, nll_total]).float()
         self.dist.all_reduce_sum(stats)
@@ -321,7 +339,7 @@ class Trainer:
         """Validation loss, and greedy BLEU/chrF on the detokenized validation split (rank 0)."""
         metrics: dict[str, Any] = {}
         if self.dist.is_main and self.valid_split is not None:
-            self.model.eval()
+            model = self.raw_model.eval()  # the next update() puts it back in training mode
             split = self.valid_split
             # Validation keeps every line; one longer than the model's positions is cut to fit.
             n = self.cfg.model.max_positions - 1
@@ -338,7 +356,7 @@ class Trainer:
                 batch = make_batch([split.src(i)[:n] for i in idx], [split.tgt(i)[:n] for i in idx], idx)
                 batch = batch.to(self.device)
                 with self._autocast():
-                    logits = self.model(batch.src, batch.tgt_in)
+                    logits = model(batch.src, batch.tgt_in)
                 loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
                 loss_sum += float(loss)
                 nll_sum += float(nll)
@@ -350,7 +368,7 @@ class Trainer:
             }
             if self.cfg.train.valid_bleu:
                 seqs = [split.src(i)[:n] for i in range(len(split))]
-                hyps = translate_ids(self.model, seqs, self.cfg.decode, beam=1, device=self.device)
+                hyps = translate_ids(model, seqs, self.cfg.decode, beam=1, device=self.device)
                 texts = self.data.tokenizer.decode_tgt([h[0].tokens for h in hyps])
                 s = score(texts, self.data.text("valid", "tgt"))
                 metrics.update(valid_bleu=s["bleu"], valid_chrf=s["chrf"])
@@ -369,8 +387,8 @@ class Trainer:
             return True
         return False
 
-    def validate_and_save(self) -> bool:
-        """Validate, save checkpoints; returns True when early stopping says stop."""
+    def validate_and_save(self) -> None:
+        """Validate, log, save checkpoints; sets early_stop when train.patience says stop."""
         metrics = self.validate()
         self.state.last_valid_step = self.state.step
         better = self._is_better(metrics)
@@ -385,19 +403,54 @@ class Trainer:
             self.log.write(step=self.state.step, epoch=self.state.epoch, kind="valid", **metrics)
         self.save(metrics, best=better)
         p = self.cfg.train.patience
-        return bool(p and self.state.bad_validations >= p)
+        self.early_stop = bool(p and self.state.bad_validations >= p)
+
+    def _maybe_validate_and_save(self, epoch_end: bool = False, final: bool = False) -> None:
+        """The one place that writes checkpoints: every train.valid_every steps, at each epoch's
+        end and when the run stops, validation then checkpoints; an interrupted run saves
+        where it is without validating, so that it stops at once."""
+        s, every = self.state, self.cfg.train.valid_every
+        if final:
+            if self.stop_requested:
+                self.save()
+            elif s.last_valid_step != s.step:
+                self.validate_and_save()
+        elif epoch_end or (every and s.step % every == 0):
+            self.validate_and_save()
 
     # ------------------------------------------------------------------ the loop
 
-    def _budget_left(self, t0: float) -> bool:
+    def _elapsed(self) -> float:
+        """Training seconds of this run, those before a resume included."""
+        return self._elapsed_before + (time.time() - self._t0)
+
+    def _stop_reason(self) -> str | None:
+        """The one place that decides to stop; None while the run goes on."""
         t, s = self.cfg.train, self.state
-        if t.max_steps and s.step >= t.max_steps:
-            return False
-        if t.max_epochs and s.epoch >= t.max_epochs:
-            return False
-        if t.max_minutes and s.elapsed + (time.time() - t0) >= t.max_minutes * 60:
-            return False
-        return True
+        if self.stop_requested:
+            return "interrupted"
+        if self.early_stop:
+            return "early stopping"
+        if (
+            (t.max_steps and s.step >= t.max_steps)
+            or (t.max_epochs and s.epoch >= t.max_epochs)
+            or (t.max_minutes and self._elapsed() >= t.max_minutes * 60)
+        ):
+            return "budget reached"
+        return None
+
+    def _updates(self) -> Iterator[tuple[list[np.ndarray], int, int]]:
+        """From where the run stands, each update's batches (train.accum_steps of them) with
+        the (epoch, position) the run is at after them: an epoch's last update moves on to
+        position 0 of the next epoch. The batch lists are pure functions of seed and epoch."""
+        epoch, pos, accum = self.state.epoch, self.state.batch_pos, self.cfg.train.accum_steps
+        while True:
+            batches = self.batcher.epoch_batches(epoch)
+            while pos < len(batches):
+                chunk = batches[pos : pos + accum]
+                pos += len(chunk)
+                yield chunk, *((epoch + 1, 0) if pos >= len(batches) else (epoch, pos))
+            epoch, pos = epoch + 1, 0
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self.stop_requested:  # a second Ctrl-C: stop now
@@ -409,9 +462,39 @@ class Trainer:
                 file=sys.stderr,
             )
 
+    def _log_train(self, out: dict[str, float], lr: float, bar: tqdm) -> None:
+        """Every train.log_every steps: the losses averaged over the updates since the last line,
+        weighted by tokens (the window's sums are checkpointed, so a resumed run logs alike)."""
+        s = self.state
+        if out["finite"]:
+            s.win_loss += out["loss"] * out["tokens"]
+            s.win_nll += out["nll"] * out["tokens"]
+            s.win_tokens += out["tokens"]
+        self._tokens_seen += out["tokens"]
+        if s.step % self.cfg.train.log_every:
+            return
+        tok_s = self._tokens_seen / max(time.time() - self._tokens_t0, 1e-9)
+        n = max(s.win_tokens, 1.0)
+        loss, nll = s.win_loss / n, s.win_nll / n
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+        self.log.write(
+            step=s.step,
+            epoch=s.epoch,
+            kind="train",
+            loss=loss,
+            nll=nll,
+            ppl=math.exp(min(nll, 50.0)),
+            lr=lr,
+            grad_norm=out["grad_norm"],
+            tok_s=tok_s,
+        )
+        self._tokens_seen, self._tokens_t0 = 0.0, time.time()
+        s.win_loss = s.win_nll = s.win_tokens = 0.0
+
     def fit(self) -> dict[str, Any]:
         t, s = self.cfg.train, self.state
-        t0 = time.time()
+        self._t0, self._elapsed_before = time.time(), s.elapsed
+        self._tokens_seen, self._tokens_t0 = 0.0, time.time()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.is_main else None
         bar = tqdm(
             total=t.max_steps or None,
@@ -421,78 +504,31 @@ class Trainer:
             disable=not self.dist.is_main,
             dynamic_ncols=True,
         )
-        tok_count, tok_t0, stop_early = 0.0, time.time(), False
-        set_lr(self.optimizer, lr_at(s.step + 1, t, self.cfg.model.d_model))
+        updates = self._updates()
         try:
-            while self._budget_left(t0) and not stop_early and not self.stop_requested:
-                batches = self.batcher.epoch_batches(s.epoch)
-                while s.batch_pos < len(batches) and self._budget_left(t0) and not self.stop_requested:
-                    chunk = batches[s.batch_pos : s.batch_pos + t.accum_steps]
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    out = self.update([_collate(self.train_split, idx) for idx in chunk])
-                    s.batch_pos += len(chunk)
-                    s.step += 1
-                    set_lr(self.optimizer, lr_at(s.step + 1, t, self.cfg.model.d_model))
-                    self._check_finite(out)
-                    tok_count += out["tokens"]
-                    if out["finite"]:
-                        s.win_loss += out["loss"] * out["tokens"]
-                        s.win_nll += out["nll"] * out["tokens"]
-                        s.win_tokens += out["tokens"]
-                    bar.update(1)
-                    if s.step % t.log_every == 0:
-                        # Averages over the updates since the last line, weighted by tokens.
-                        tok_s = tok_count / max(time.time() - tok_t0, 1e-9)
-                        n = max(s.win_tokens, 1.0)
-                        loss, nll = s.win_loss / n, s.win_nll / n
-                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                        self.log.write(
-                            step=s.step,
-                            epoch=s.epoch,
-                            kind="train",
-                            loss=loss,
-                            nll=nll,
-                            ppl=math.exp(min(nll, 50.0)),
-                            lr=lr,
-                            grad_norm=out["grad_norm"],
-                            tok_s=tok_s,
-                        )
-                        tok_count, tok_t0 = 0.0, time.time()
-                        s.win_loss = s.win_nll = s.win_tokens = 0.0
-                    if t.valid_every and s.step % t.valid_every == 0:
-                        s.elapsed += time.time() - t0
-                        t0 = time.time()
-                        if stop_early := self.validate_and_save():
-                            break
-                if s.batch_pos >= len(batches):  # epoch end
-                    s.epoch += 1
-                    s.batch_pos = 0
-                    s.elapsed += time.time() - t0
-                    t0 = time.time()
-                    if s.last_valid_step != s.step:
-                        stop_early = self.validate_and_save()
-                    else:
-                        self.save()  # the epoch and position changed since the last save
-            s.elapsed += time.time() - t0
-            t0 = time.time()
-            if self.stop_requested:
-                self.save()
-            elif s.last_valid_step != s.step:
-                self.validate_and_save()
+            while (reason := self._stop_reason()) is None:
+                chunk, epoch, pos = next(updates)
+                lr = lr_at(s.step + 1, t, self.cfg.model.d_model)
+                set_lr(self.optimizer, lr)
+                out = self.update([_collate(self.train_split, idx) for idx in chunk])
+                epoch_end = epoch != s.epoch
+                s.step, s.epoch, s.batch_pos = s.step + 1, epoch, pos
+                self._check_finite(out)
+                bar.update(1)
+                self._log_train(out, lr, bar)
+                self._maybe_validate_and_save(epoch_end)
+            self._maybe_validate_and_save(final=True)
         finally:
             bar.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-        if self.stop_requested:
-            if self.dist.is_main:
-                print(
-                    f"mt train: interrupted at step {s.step}; checkpoint saved to {self.last_path}.\n"
-                    f"  resume with the same command: mt {' '.join(sys.argv[1:])}",
-                    file=sys.stderr,
-                )
-        reason = (
-            "interrupted" if self.stop_requested else "early stopping" if stop_early else "budget reached"
-        )
+        s.elapsed = self._elapsed()
+        if reason == "interrupted" and self.dist.is_main:
+            print(
+                f"mt train: interrupted at step {s.step}; checkpoint saved to {self.last_path}.\n"
+                f"  resume with the same command: mt {' '.join(sys.argv[1:])}",
+                file=sys.stderr,
+            )
         return {
             "steps": s.step,
             "epochs": s.epoch,

@@ -76,10 +76,27 @@ def _collect(
 
 
 def cpu_workers(decode: DecodeConfig, device: torch.device) -> int:
-    """How many batches translate_ids decodes at once: see DecodeConfig.inter_threads."""
+    """How many batches Translator decodes at once: see DecodeConfig.inter_threads."""
     if device.type != "cpu":
         return 1
     return decode.inter_threads or torch.get_num_threads()
+
+
+def search_batch(
+    model: Transformer,
+    seqs: Sequence[np.ndarray],
+    decode: DecodeConfig,
+    beam: int,
+    nbest: int,
+    device: torch.device,
+) -> list[list[Hypothesis]]:
+    """Search one batch of token-id sequences: greedy for beam 1 with nbest 1, else beam search."""
+    src = _pad([np.asarray(s) for s in seqs], device)
+    lengths = dict(max_len_a=decode.max_len_a, max_len_b=decode.max_len_b, min_len=decode.min_len)
+    scoring = dict(length_penalty=decode.length_penalty, alpha=decode.alpha)
+    if beam == 1 and nbest == 1:
+        return [[h] for h in greedy(model, src, **lengths, **scoring)]
+    return beam_search(model, src, beam=beam, nbest=nbest, **lengths, **scoring)
 
 
 def translate_ids(
@@ -95,73 +112,19 @@ def translate_ids(
 ) -> list[list[Hypothesis]]:
     """Translate token-id sequences (no specials); returns nbest hypotheses per input, in order.
 
-    beam 1 with nbest 1 runs greedy search (its hypotheses carry the model's log-probability).
-
-    On CPU, W = cpu_workers() batches are decoded at once, each on its own Python thread
-    with torch's threads shared out among them (1 each by default). Decoding is mostly
-    small operations that one thread runs as fast as two, so W batches side by side beat
-    one batch on W threads (measured: 15-25% on 2 cores). Batches are then cut to at most
-    1/4W of the input, so that the threads finish together. Every sentence is decoded on
-    its own, so the output does not depend on any of this.
+    The model must be in eval mode (the caller's to set). Sentences are sorted by length
+    and cut into batches of at most `max_tokens` (default decode.max_tokens) padded tokens,
+    searched one after another; `Translator` decodes them side by side on CPU threads.
     """
     beam = decode.beam if beam is None else beam
     device = device or next(model.parameters()).device
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     results: list[list[Hypothesis]] = [[] for _ in seqs]
-    budget = max_tokens or decode.max_tokens
-    workers = cpu_workers(decode, device)
-    if workers > 1:
-        budget = min(budget, max(1, int((lengths + 1).sum()) // (4 * workers)))
-    batches = _length_batches(lengths, budget)
-    workers = max(1, min(workers, len(batches)))
-    bar = tqdm(total=len(seqs), desc="translating", unit="sent", disable=not progress, file=sys.stderr)
-
-    def run(idx: np.ndarray) -> tuple[np.ndarray, list[list[Hypothesis]]]:
-        with torch.inference_mode():  # per thread
-            src = _pad([np.asarray(seqs[i]) for i in idx], device)
-            if beam == 1 and nbest == 1:
-                outs = greedy(
-                    model, src, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b, min_len=decode.min_len
-                )
-                hyps = [[Hypothesis(tokens=o, score=float("nan"), logprob=float("nan"))] for o in outs]
-            else:
-                hyps = beam_search(
-                    model,
-                    src,
-                    beam=beam,
-                    nbest=nbest,
-                    max_len_a=decode.max_len_a,
-                    max_len_b=decode.max_len_b,
-                    min_len=decode.min_len,
-                    length_penalty=decode.length_penalty,
-                    alpha=decode.alpha,
-                )
-        bar.update(len(idx))
-        return idx, hyps
-
-    # Eval mode is set here, once: the searches would otherwise each save and restore the
-    # mode, and a thread restoring training mode would switch dropout on under another.
-    was_training = model.training
-    model.eval()
-    try:
-        if workers == 1:
-            _collect(map(run, batches), results)
-        else:
-            # Longest work first, so that no thread is left with a big batch at the end.
-            order = sorted(batches, key=lambda b: -len(b) * (int(lengths[b].max()) + 1))
-            with _THREAD_COUNT:
-                threads = torch.get_num_threads()
-                intra = max(1, threads // workers)
-                pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(intra,))
-                try:
-                    _collect(pool.map(run, order), results)
-                finally:
-                    # On an error or Ctrl-C, batches not started are dropped, not run.
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    torch.set_num_threads(threads)
-    finally:
-        model.train(was_training)
-        bar.close()
+    with tqdm(total=len(seqs), desc="translating", unit="sent", disable=not progress, file=sys.stderr) as bar:
+        for idx in _length_batches(lengths, max_tokens or decode.max_tokens):
+            hyps = search_batch(model, [seqs[i] for i in idx], decode, beam, nbest, device)
+            _collect([(idx, hyps)], results)
+            bar.update(len(idx))
     return results
 
 
@@ -205,6 +168,58 @@ class Translator:
             cfg.decode.precision = precision
         return cls(model, tok, cfg, dev)
 
+    def translate_ids(
+        self,
+        seqs: Sequence[np.ndarray],
+        beam: int | None = None,
+        nbest: int = 1,
+        max_tokens: int | None = None,
+        progress: bool = False,
+    ) -> list[list[Hypothesis]]:
+        """`translate_ids` with this translator's model, on W = cpu_workers() threads on CPU.
+
+        Each of the W threads decodes its own batches with torch's threads shared out among
+        them (1 each by default). Decoding is mostly small operations that one thread runs as
+        fast as two, so W batches side by side beat one batch on W threads (measured: 15-25%
+        on 2 cores). Batches are then cut to at most 1/4W of the input, so that the threads
+        finish together, and the longest go first. Every sentence is decoded on its own, so
+        the output does not depend on any of this. An error or Ctrl-C drops the batches not
+        yet started.
+        """
+        decode = self.config.decode
+        beam = decode.beam if beam is None else beam
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        budget = max_tokens or decode.max_tokens
+        workers = cpu_workers(decode, self.device)
+        if workers > 1:
+            budget = min(budget, max(1, int((lengths + 1).sum()) // (4 * workers)))
+        batches = _length_batches(lengths, budget)
+        workers = max(1, min(workers, len(batches)))
+        if workers == 1:
+            return translate_ids(
+                self.model, seqs, decode, beam=beam, nbest=nbest, max_tokens=budget, progress=progress
+            )
+        results: list[list[Hypothesis]] = [[] for _ in seqs]
+        bar = tqdm(total=len(seqs), desc="translating", unit="sent", disable=not progress, file=sys.stderr)
+
+        def run(idx: np.ndarray) -> tuple[np.ndarray, list[list[Hypothesis]]]:
+            hyps = search_batch(self.model, [seqs[i] for i in idx], decode, beam, nbest, self.device)
+            bar.update(len(idx))
+            return idx, hyps
+
+        order = sorted(batches, key=lambda b: -len(b) * (int(lengths[b].max()) + 1))
+        with _THREAD_COUNT, bar:
+            threads = torch.get_num_threads()
+            intra = max(1, threads // workers)
+            pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(intra,))
+            try:
+                _collect(pool.map(run, order), results)
+            finally:
+                # On an error or Ctrl-C, batches not started are dropped, not run.
+                pool.shutdown(wait=True, cancel_futures=True)
+                torch.set_num_threads(threads)
+        return results
+
     def _encode(self, lines: Sequence[str], numbers: Sequence[int]) -> list[np.ndarray]:
         """Token ids of `lines`; `numbers` are their 1-based line numbers, for the warning."""
         ids = self.tokenizer.encode_src([line.strip() for line in lines])
@@ -232,16 +247,7 @@ class Translator:
         beam = max(self.config.decode.beam if beam is None else beam, nbest)
         keep = [i for i, line in enumerate(lines) if line.strip()]
         seqs = self._encode([lines[i] for i in keep], [i + 1 for i in keep])
-        hyps = translate_ids(
-            self.model,
-            seqs,
-            self.config.decode,
-            beam=beam,
-            nbest=nbest,
-            max_tokens=max_tokens,
-            device=self.device,
-            progress=progress,
-        )
+        hyps = self.translate_ids(seqs, beam=beam, nbest=nbest, max_tokens=max_tokens, progress=progress)
         out: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
         for i, hs in zip(keep, hyps, strict=True):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hs])
@@ -257,3 +263,34 @@ class Translator:
     ) -> list[str]:
         """One translation per line, in order; empty or blank lines give empty strings."""
         return [h[0][0] for h in self.translate_nbest(lines, beam, 1, max_tokens, progress)]
+
+
+# --------------------------------------------------------------------------- output lines
+
+
+def one_line(text: str) -> str:
+    """A hypothesis as a single output line: line breaks become spaces."""
+    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+
+
+def format_nbest(hyps: Sequence[tuple[str, float]], nbest: int) -> str:
+    """One output line: the hypothesis alone, or `hyp<TAB>score` pairs when nbest > 1."""
+    if nbest == 1:
+        return one_line(hyps[0][0])
+    return "\t".join(f"{one_line(t).replace(chr(9), ' ')}\t{s:.4f}" for t, s in hyps)
+
+
+def translate_lines(
+    translator: Translator,
+    lines: Sequence[str],
+    beam: int | None = None,
+    nbest: int = 1,
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Output lines (without newlines) for `lines`, exactly one per input line, in order."""
+    hyps = translator.translate_nbest(lines, beam=beam, nbest=nbest, max_tokens=max_tokens, progress=progress)
+    if len(hyps) != len(lines):  # the contract `mt translate` exists for
+        raise RuntimeError(f"translator returned {len(hyps)} results for {len(lines)} lines")
+    # A blank line gives a blank line, also with --nbest (not a lone "<TAB>score").
+    return [format_nbest(h, nbest) if line.strip() else "" for line, h in zip(lines, hyps, strict=True)]

@@ -30,12 +30,12 @@ import torch
 
 from mt.config import load_config
 from mt.dataset import load_prepared
-from mt.device import DTYPES
+from mt.device import DTYPES, cpu_description, decode_precision
 from mt.evaluate import score
 from mt.model import Transformer
 from mt.prepare import prepare
 from mt.special import BOS, EOS, PAD
-from mt.translator import Translator, _length_batches, _pad, translate_ids
+from mt.translator import Translator, _length_batches, _pad
 
 
 def _copy(dst: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -173,11 +173,15 @@ def main() -> None:
     hf32 = to_hf(model)
     kind = type(hf32).__name__
     print(f"\ndecoding {len(seqs)} sentences of '{args.split}', {torch.get_num_threads()} threads; {note}")
+    auto = decode_precision("auto", torch.device("cpu"))
+    print(f"CPU: {cpu_description()}; decode.precision auto picks {auto} here")
     print(f"  {'':<46}{'seconds':>9}{'sent/s':>9}{'BLEU':>7}{'mean len':>9}")
     times: dict[tuple[str, str, int], float] = {}
     for precision in args.precision:
-        # Copies, so that each precision starts from the fp32 weights.
-        ours = copy.deepcopy(model).to(DTYPES[precision])
+        # Copies, so that each precision starts from the fp32 weights. Ours decodes through the
+        # Translator, as `mt translate` does (batches side by side on CPU threads).
+        cfg.decode.precision = precision
+        ours = Translator(copy.deepcopy(model), data.tokenizer, cfg, torch.device("cpu"))
         theirs = copy.deepcopy(hf32).to(DTYPES[precision])
         for beam in (5, 1):
             search = "beam 5" if beam == 5 else "greedy"
@@ -185,7 +189,7 @@ def main() -> None:
             outs: dict[str, list[list[int]]] = {}
             for _ in range(args.repeats):
                 t = time.perf_counter()
-                hyps = translate_ids(ours, seqs, dec, beam=beam)
+                hyps = ours.translate_ids(seqs, beam=beam)
                 best["mt"] = min(best["mt"], time.perf_counter() - t)
                 outs["mt"] = [h[0].tokens for h in hyps]
                 t = time.perf_counter()

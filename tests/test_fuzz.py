@@ -16,9 +16,9 @@ from mt.cli import main
 from mt.config import load_config
 from mt.dataset import load_prepared
 from mt.errors import MTError
+from mt.files import decode_lines
 from mt.prepare import prepare
-from mt.translate import decode_lines, translate_lines
-from mt.translator import Translator
+from mt.translator import Translator, translate_lines
 
 FAST = settings(
     max_examples=30,

@@ -461,7 +461,7 @@ def test_failed_translate_keeps_existing_output(tmp_path, monkeypatch, capsys, c
             with pytest.raises(MemoryError):
                 main(argv)
         else:  # the translation is done, writing it fails
-            monkeypatch.setattr("mt.translate.os.fsync", _enospc)
+            monkeypatch.setattr("mt.files.os.fsync", _enospc)
             assert main(argv) == 2
             err = capsys.readouterr().err
             assert f"mt translate: error: cannot write output {out}: No space left on device" in err

@@ -58,13 +58,16 @@ def train_tiny() -> Transformer:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.train()  # the search must switch to eval itself and restore this
-    return model
+    return model.eval()  # the caller's to set: the search assumes it
 
 
 @pytest.fixture(scope="module")
 def trained() -> Transformer:
     return train_tiny()
+
+
+def greedy_tokens(model: Transformer, src: torch.Tensor, **kw) -> list[list[int]]:
+    return [h.tokens for h in greedy(model, src, **kw)]
 
 
 def score_of(model: Transformer, src: torch.Tensor, tokens: list[int], ended: bool) -> float:
@@ -78,17 +81,21 @@ def score_of(model: Transformer, src: torch.Tensor, tokens: list[int], ended: bo
     return float(lp[torch.arange(len(out)), torch.tensor(out)].sum())
 
 
-def test_greedy_restores_mode_and_returns_lists(trained):
+def test_search_leaves_the_mode_to_the_caller_and_returns_token_lists(trained):
     src = random_batch(5, seed=3)
-    out = greedy(trained, src)
-    assert trained.training  # restored
+    out = greedy_tokens(trained, src)
+    assert not trained.training  # untouched, in either mode
+    model = tiny().train()
+    greedy(model, src)
+    beam_search(model, src, beam=2)
+    assert model.training
     assert len(out) == 5 and all(isinstance(t, int) for toks in out for t in toks)
     assert all(EOS not in toks and BOS not in toks and PAD not in toks for toks in out)
 
 
 def test_greedy_translates_training_pairs(trained):
     src = random_batch(12, seed=2)
-    out = greedy(trained, src)
+    out = greedy_tokens(trained, src)
     correct = 0
     for row, toks in zip(src, out, strict=True):
         words = row[row.ne(PAD)][:-1].flip(0)
@@ -100,8 +107,12 @@ def test_greedy_translates_training_pairs(trained):
 def test_beam_1_equals_greedy(trained, model_kind):
     model = trained if model_kind == "trained" else tiny(seed=4)
     src = random_batch(9, seed=5)
-    hyps = beam_search(model, src, beam=1, max_len_a=1.0, max_len_b=3)
-    assert [h[0].tokens for h in hyps] == greedy(model, src, max_len_a=1.0, max_len_b=3)
+    for alpha in (0.0, 1.0):
+        hyps = [hs[0] for hs in beam_search(model, src, beam=1, max_len_a=1.0, max_len_b=3, alpha=alpha)]
+        ours = greedy(model, src, max_len_a=1.0, max_len_b=3, alpha=alpha)
+        assert [h.tokens for h in hyps] == [h.tokens for h in ours]
+        assert [h.score for h in hyps] == pytest.approx([h.score for h in ours], abs=1e-5)
+        assert [h.logprob for h in hyps] == pytest.approx([h.logprob for h in ours], abs=1e-5)
 
 
 def test_beam_scores_at_least_greedy(trained):
@@ -109,11 +120,13 @@ def test_beam_scores_at_least_greedy(trained):
     limits = max_lengths(src, 1.2, 10, 1024).tolist()
     for alpha in (0.0, 1.0):
         hyps = beam_search(trained, src, beam=5, alpha=alpha)
-        for row, toks, hs, limit in zip(unpad(src), greedy(trained, src), hyps, limits, strict=True):
-            ended = len(toks) < limit
-            lp = score_of(trained, row, toks, ended)
-            greedy_score = lp / (len(toks) + ended) ** alpha
-            assert hs[0].score >= greedy_score - 1e-4
+        ours = greedy(trained, src, alpha=alpha)
+        for row, g, hs, limit in zip(unpad(src), ours, hyps, limits, strict=True):
+            ended = len(g.tokens) < limit
+            lp = score_of(trained, row, g.tokens, ended)
+            assert g.logprob == pytest.approx(lp, abs=1e-4)  # greedy computes its log-probability
+            assert g.score == pytest.approx(lp / (len(g.tokens) + ended) ** alpha, abs=1e-4)
+            assert hs[0].score >= g.score - 1e-4
 
 
 def test_hypothesis_scores_match_model(trained):
@@ -140,9 +153,10 @@ def test_batch_invariance(trained, model_kind, monkeypatch):
     model = trained if model_kind == "trained" else tiny(seed=8, pre_norm=False, learned_positions=True)
     src = random_batch(10, seed=9, lo=2, hi=12)
     kw = dict(max_len_a=0.8, max_len_b=4)
-    one_by_one = [greedy(model, row, **kw)[0] for row in unpad(src)]
-    assert greedy(model, src, **kw) == one_by_one
-    assert greedy(model, torch.cat([src, torch.zeros(10, 3, dtype=torch.long)], 1), **kw) == one_by_one
+    one_by_one = [greedy_tokens(model, row, **kw)[0] for row in unpad(src)]
+    assert greedy_tokens(model, src, **kw) == one_by_one
+    padded = torch.cat([src, torch.zeros(10, 3, dtype=torch.long)], 1)
+    assert greedy_tokens(model, padded, **kw) == one_by_one
     batch = beam_search(model, src, beam=4, nbest=2, **kw)
     for row, hs in zip(unpad(src), batch, strict=True):
         alone = beam_search(model, row, beam=4, nbest=2, **kw)[0]
@@ -171,14 +185,14 @@ def test_max_and_min_length(trained):
     src = random_batch(8, seed=12)
     limits = max_lengths(src, 0.5, 1, 1024)
     assert limits.tolist() == [max(1, int(0.5 * n + 1)) for n in src.ne(PAD).sum(1).tolist()]
-    for toks, limit in zip(greedy(model, src, max_len_a=0.5, max_len_b=1), limits, strict=True):
+    for toks, limit in zip(greedy_tokens(model, src, max_len_a=0.5, max_len_b=1), limits, strict=True):
         assert len(toks) <= limit
     for hs, limit in zip(beam_search(model, src, nbest=3, max_len_a=0.5, max_len_b=1), limits, strict=True):
         assert all(len(h.tokens) <= limit for h in hs)
     # The trained model ends its outputs early; min_len forces them longer.
     src = random_batch(8, seed=13, lo=2, hi=5)
-    assert min(len(t) for t in greedy(trained, src)) < 6
-    assert min(len(t) for t in greedy(trained, src, min_len=6)) >= 6
+    assert min(len(t) for t in greedy_tokens(trained, src)) < 6
+    assert min(len(t) for t in greedy_tokens(trained, src, min_len=6)) >= 6
     assert min(len(h.tokens) for hs in beam_search(trained, src, nbest=5, min_len=6) for h in hs) >= 6
 
 
@@ -275,15 +289,10 @@ def test_bf16_search_agrees_with_fp32_up_to_near_ties(trained):
     search, except where two tokens were within bf16's rounding of each other."""
     src = random_batch(12, seed=2)  # the training sources: peaked distributions
     half = copy.deepcopy(trained).to(torch.bfloat16)
-    fp32, bf16 = greedy(trained, src, max_len_b=4), greedy(half, src, max_len_b=4)
-    was_training = trained.training
-    trained.eval()
-    try:
-        assert_agree_up_to_near_ties(trained, src, fp32, bf16, min_equal=10)
-        beams = beam_search(half, src, beam=1, max_len_b=4)
-        assert_agree_up_to_near_ties(trained, src, [hs[0].tokens for hs in beams], bf16, min_equal=10)
-    finally:
-        trained.train(was_training)
+    fp32, bf16 = greedy_tokens(trained, src, max_len_b=4), greedy_tokens(half, src, max_len_b=4)
+    assert_agree_up_to_near_ties(trained, src, fp32, bf16, min_equal=10)
+    beams = beam_search(half, src, beam=1, max_len_b=4)
+    assert_agree_up_to_near_ties(trained, src, [hs[0].tokens for hs in beams], bf16, min_equal=10)
     assert all(math.isfinite(hs[0].score) for hs in beam_search(half, src, beam=3, max_len_b=4))
     assert next(half.parameters()).dtype == torch.bfloat16
 
@@ -291,16 +300,12 @@ def test_bf16_search_agrees_with_fp32_up_to_near_ties(trained):
 def test_divergence_gap_measures_the_first_difference(trained):
     """The measure the bf16 test relies on: 0 for equal outputs, the fp32 gap where they part."""
     src = random_batch(1, seed=2)
-    trained.eval()
-    try:
-        out = greedy(trained, src, max_len_b=4)[0]
-        assert divergence_gap(trained, src, out, out) == 0.0
-        with torch.no_grad():
-            lp = F.log_softmax(trained.decode(torch.tensor([[BOS]]), trained.encode(src))[0, -1], -1)
-        lp[[PAD, BOS]] = float("-inf")
-        first, second = lp.topk(2).indices.tolist()
-        assert out[0] == first  # greedy takes the best first token
-        gap = divergence_gap(trained, src, [first], [second])
-        assert gap == pytest.approx(float(lp[first] - lp[second]), abs=1e-6) and gap > 0
-    finally:
-        trained.train()
+    out = greedy_tokens(trained, src, max_len_b=4)[0]
+    assert divergence_gap(trained, src, out, out) == 0.0
+    with torch.no_grad():
+        lp = F.log_softmax(trained.decode(torch.tensor([[BOS]]), trained.encode(src))[0, -1], -1)
+    lp[[PAD, BOS]] = float("-inf")
+    first, second = lp.topk(2).indices.tolist()
+    assert out[0] == first  # greedy takes the best first token
+    gap = divergence_gap(trained, src, [first], [second])
+    assert gap == pytest.approx(float(lp[first] - lp[second]), abs=1e-6) and gap > 0

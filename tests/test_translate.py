@@ -25,12 +25,12 @@ from mt.checkpoint import save_checkpoint
 from mt.cli import main
 from mt.config import Config, DataConfig, DecodeConfig, ModelConfig, to_dict
 from mt.errors import DataError
+from mt.files import decode_lines
 from mt.model import Transformer
 from mt.search import greedy
 from mt.special import BOS, EOS, PAD
 from mt.tokenizer import Tokenizer, train_spm
-from mt.translate import decode_lines, format_nbest, one_line
-from mt.translator import Translator, cpu_workers, translate_ids
+from mt.translator import Translator, cpu_workers, format_nbest, one_line, translate_ids
 
 # --------------------------------------------------------------------------- a tiny checkpoint
 
@@ -340,18 +340,17 @@ def _ids(translator: Translator, n: int) -> list:
 
 
 @pytest.mark.parametrize("beam", [1, 3])
-def test_batches_on_threads_give_the_same_output(translator, beam):
+def test_batches_on_threads_give_the_same_output(translator, beam, monkeypatch):
     seqs = _ids(translator, 40)
     one = DecodeConfig(beam=beam, max_len_b=5, inter_threads=1)
     three = DecodeConfig(beam=beam, max_len_b=5, inter_threads=3)
     assert cpu_workers(three, torch.device("cpu")) == 3
     assert cpu_workers(three, torch.device("meta")) == 1  # only on CPU
-    model = translator.model.train()  # left as found, with no dropout leaking into the search
-    ref = translate_ids(model, seqs, one, max_tokens=64)
-    out = translate_ids(model, seqs, three, max_tokens=64)
-    assert model.training and torch.get_num_threads() == 1  # restored
+    ref = translate_ids(translator.model, seqs, one, max_tokens=64)  # one batch after another
+    monkeypatch.setattr(translator.config, "decode", three)
+    out = translator.translate_ids(seqs, max_tokens=64)  # three side by side
+    assert torch.get_num_threads() == 1  # restored
     assert [[h.tokens for h in hs] for hs in out] == [[h.tokens for h in hs] for hs in ref]
-    model.eval()
 
 
 def test_an_error_on_a_thread_stops_the_rest(translator, monkeypatch):
@@ -365,9 +364,10 @@ def test_an_error_on_a_thread_stops_the_rest(translator, monkeypatch):
         return [[] for _ in range(src.size(0))]
 
     monkeypatch.setattr("mt.translator.greedy", failing)
+    monkeypatch.setattr(translator.config.decode, "inter_threads", 2)
     seqs = _ids(translator, 40)
     with pytest.raises(RuntimeError, match="boom"):
-        translate_ids(translator.model, seqs, DecodeConfig(beam=1, inter_threads=2), max_tokens=16)
+        translator.translate_ids(seqs, beam=1, max_tokens=16)
     # About 20 batches (of at most 16 tokens): all but the failing one and those already running
     # on the two threads when it failed are dropped (which of them fails first is a race).
     assert len(calls) <= 6
@@ -385,7 +385,7 @@ def test_each_thread_gets_its_share_and_the_count_is_restored(translator, monkey
     seqs = _ids(translator, 24)
     torch.set_num_threads(2)
     try:
-        translate_ids(translator.model, seqs, DecodeConfig(beam=1, max_len_b=3), max_tokens=64)
+        translator.translate_ids(seqs, beam=1, max_tokens=64)
         assert len(seen) > 2 and set(seen) == {1}  # 2 batches at a time, one torch thread each
         assert torch.get_num_threads() == 2
         later: list[int] = []

@@ -1,0 +1,1 @@
+"""The `mt` commands that need more than a few lines: one module each (the parser is mt.cli)."""

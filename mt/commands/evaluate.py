@@ -1,0 +1,89 @@
+"""The `mt evaluate` command: score a checkpoint on a prepared split or on a pair of files.
+
+See mt.evaluate for what is computed and written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mt.commands.translate import check_options
+from mt.errors import CheckpointError, DataError, MTError
+from mt.evaluate import evaluate_checkpoint, report
+from mt.files import read_lines
+
+
+def _prepared_split(config: str, cfg: Any, split: str) -> tuple[list[str], list[str]]:
+    """Raw source and reference lines of a prepared split, with errors that say what to run."""
+    from mt.dataset import load_prepared
+
+    directory = cfg.prepared_dir
+    if not (directory / "meta.json").is_file():
+        raise DataError(f"{directory}: the data is not prepared; run `mt prepare {config}` first")
+    data = load_prepared(directory)
+    splits = list(data.meta.get("splits", {}))
+    if split not in splits:
+        raise DataError(f"{directory}: no split '{split}'; prepared splits are {', '.join(splits)}")
+    if not (directory / f"{split}.src.txt").is_file():
+        scorable = [s for s in splits if (directory / f"{s}.src.txt").is_file()]
+        raise DataError(
+            f"{directory}: split '{split}' keeps no raw text to score against "
+            f"(only validation and test splits do: {', '.join(scorable) or 'none'})"
+        )
+    return data.text(split, "src"), data.text(split, "tgt")
+
+
+def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """`mt evaluate`: see the module docstring. Prints the scores; returns evaluate_checkpoint's dict."""
+    from mt.config import load_config
+
+    files = args.src is not None or args.ref is not None
+    if files and (args.src is None or args.ref is None):
+        raise MTError("--src and --ref go together: give both files")
+    if args.config is None and not files:
+        raise MTError("give an experiment CONFIG, or --checkpoint CK with --src FILE and --ref FILE")
+    if args.config is None and args.checkpoint is None:
+        raise MTError("--src/--ref need --checkpoint CK (or a CONFIG, to take its best checkpoint)")
+
+    check_options(args.beam, args.max_tokens)
+    cfg = load_config(args.config, args.overrides) if args.config is not None else None
+    if args.checkpoint is not None:
+        ck_path = Path(args.checkpoint)
+    else:
+        assert cfg is not None
+        ck_path = cfg.out_dir / "checkpoint_best.pt"
+        if not ck_path.is_file():
+            raise CheckpointError(
+                f"no checkpoint {ck_path}; train one with `mt train {args.config}` or pass --checkpoint"
+            )
+
+    if files:
+        src = read_lines(args.src)
+        ref = read_lines(args.ref)
+        if len(src) != len(ref):
+            raise DataError(
+                f"--src {args.src} has {len(src)} lines but --ref {args.ref} has {len(ref)}; "
+                f"they must be line-aligned"
+            )
+        name = Path(args.src).stem
+    else:
+        assert cfg is not None
+        src, ref = _prepared_split(args.config, cfg, args.split)
+        name = args.split
+
+    result = evaluate_checkpoint(
+        ck_path,
+        src,
+        ref,
+        args.beam,
+        args.max_tokens,
+        args.device,
+        name,
+        decode=cfg.decode if cfg is not None and not files else None,
+        precision=args.precision,
+        progress=True,
+    )
+    print(report(result))
+    return result

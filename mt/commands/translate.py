@@ -1,0 +1,120 @@
+"""The `mt translate` command: raw text in, translations out, one line per line.
+
+The contract is N lines in, N lines out, in order, whatever the lines contain:
+
+* Lines are split on "\\n" only. Other characters that Python's `str.splitlines`
+  treats as line breaks (\\x0b, \\x1c, U+2028, ...) stay inside their line, and a
+  trailing "\\r" (CRLF files) is removed. A missing final newline changes nothing.
+* An empty or whitespace-only line gives an empty line. A line longer than the
+  model's maximum is translated from its first tokens, with a warning on stderr.
+* Output lines never contain "\\n" or "\\r": a hypothesis containing one gets a
+  space instead, so the output can always be split back into N lines.
+* With --nbest K > 1 each input line still gives one output line, made of K
+  tab-separated (hypothesis, score) pairs: `hyp1<TAB>score1<TAB>hyp2<TAB>score2 ...`
+  (tabs inside a hypothesis become spaces). An empty input line gives an empty line.
+
+Input must be UTF-8 (a leading byte-order mark is ignored). With --errors strict
+an undecodable byte stops the run with an error naming the file and line; with
+--errors replace it becomes U+FFFD and translation goes on.
+
+--output is written to a temporary file next to it that replaces it only when
+complete: a failed or interrupted run leaves an existing file as it was. When
+stdin is a terminal and there is no --input, each typed line is translated as
+soon as Enter is pressed (an interactive session, until Ctrl-D).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import TYPE_CHECKING
+
+from mt.errors import MTError
+from mt.files import AtomicFile, decode_lines, read_lines
+
+if TYPE_CHECKING:  # torch is imported only when a model is loaded: errors in options come fast
+    from mt.translator import Translator
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_stdout(text: str) -> None:
+    # Bytes, so the output is UTF-8 with "\n" whatever the locale or platform says.
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is not None:
+        buffer.write(text.encode("utf-8"))
+        buffer.flush()
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- command
+
+
+def _interactive(translator: Translator, args: argparse.Namespace) -> None:
+    """Translate each line as it is typed, until end of input."""
+    from mt.translator import translate_lines
+
+    print("mt translate: type a sentence and press Enter (Ctrl-D to quit)", file=sys.stderr)
+    n = 0
+    while True:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        raw = sys.stdin.buffer.readline()
+        if not raw:
+            sys.stderr.write("\n")
+            return
+        n += 1
+        try:
+            lines = decode_lines(raw, "stdin", args.errors, hint="; retype it, or use --errors replace")
+        except MTError as e:  # a typo should not end the session
+            print(f"mt translate: {e}", file=sys.stderr)
+            continue
+        out = translate_lines(translator, lines or [""], args.beam, args.nbest, args.max_tokens)
+        _write_stdout(out[0] + "\n")
+
+
+def check_options(beam: int | None, max_tokens: int | None, nbest: int = 1) -> None:
+    """Range checks of decoding options given on the command line."""
+    if beam is not None and beam < 1:
+        raise MTError(f"--beam must be >= 1, got {beam}")
+    if nbest < 1:
+        raise MTError(f"--nbest must be >= 1, got {nbest}")
+    if max_tokens is not None and max_tokens < 1:
+        raise MTError(f"--max-tokens must be >= 1, got {max_tokens}")
+
+
+def translate_cli(args: argparse.Namespace) -> None:
+    """`mt translate`: see the module docstring."""
+    check_options(args.beam, args.max_tokens, args.nbest)  # before any (slow) import of torch
+    hint = "; fix the input or pass --errors replace"
+    # A person typing at a terminal gets each line translated at once; with --output they
+    # get the file they asked for, from what they type until Ctrl-D.
+    interactive = args.input is None and args.output is None and sys.stdin.isatty()
+    lines: list[str] = []
+    if args.input is not None:
+        lines = read_lines(args.input, args.errors, hint)
+    elif not interactive:
+        if sys.stdin.isatty():
+            print("mt translate: reading stdin until Ctrl-D", file=sys.stderr)
+        lines = decode_lines(sys.stdin.buffer.read(), "stdin", args.errors, hint)
+
+    # Opened before the model is loaded, so a bad output path fails in a second, not after the work.
+    with AtomicFile(args.output) if args.output else contextlib.nullcontext() as out:
+        from mt.device import pick_device
+        from mt.translator import Translator, translate_lines
+
+        translator = Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision)
+        if interactive:
+            _interactive(translator, args)
+            return
+        result = translate_lines(translator, lines, args.beam, args.nbest, args.max_tokens, progress=True)
+        text = "".join(line + "\n" for line in result)
+        if out is not None:
+            out.commit(text.encode("utf-8"))
+        else:
+            _write_stdout(text)

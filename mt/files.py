@@ -1,0 +1,186 @@
+"""File operations every command shares: reading text lines, atomic writes, stale temp files.
+
+Reading. `decode_lines` / `read_lines` split UTF-8 text on "\\n" only (a trailing "\\r"
+is removed from each line; other Unicode line breaks stay inside their line), so N
+lines in a file are N lines here whatever they contain.
+
+Writing. `AtomicFile` writes `<name>.tmp-<pid>` next to the target (os.replace is
+atomic only within one file system), fsyncs it and renames it over the target, then
+fsyncs the directory so the rename itself survives a crash: readers see the old file
+or the complete new one, never half of one. `replace_dir` does the same for a whole
+directory. Temporary names end in `-<pid>`, so `remove_stale` can clear away those
+of processes that were killed, and only those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from mt.errors import DataError, MTError
+
+BOM = "\ufeff"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def decode_lines(data: bytes, where: str, errors: str = "strict", hint: str = "") -> list[str]:
+    """UTF-8 bytes -> lines, split on "\\n" only, a trailing "\\r" removed from each.
+
+    `where` names the input in error messages (a file name or "stdin"); `hint`
+    is appended to the message of an undecodable byte (e.g. which option helps).
+    """
+    try:
+        text = data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line_no = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{where}: line {line_no} is not valid UTF-8 (byte 0x{data[e.start]:02x} at byte "
+            f"{e.start - line_start + 1} of the line){hint}"
+        ) from None
+    text = text.removeprefix(BOM)  # editors on Windows like to start UTF-8 files with one
+    if not text:
+        return []
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()  # the final newline ends the last line; it does not start a new one
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_lines(path: str | Path, errors: str = "strict", hint: str = "") -> list[str]:
+    """The lines of a UTF-8 text file (see `decode_lines`); unreadable files raise DataError."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"input file not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    return decode_lines(data, str(path), errors, hint)
+
+
+# --------------------------------------------------------------------------- temporary names
+
+
+def temp_path(path: Path, tag: str = "tmp", hidden: bool = False) -> Path:
+    """`<name>.<tag>-<pid>` beside `path` (`.<name>...` when hidden): this process's own."""
+    return path.with_name(f"{'.' if hidden else ''}{path.name}.{tag}-{os.getpid()}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale(directory: Path, pattern: str) -> None:
+    """Remove the files and directories matching `pattern` in `directory` whose name ends in
+    `-<pid>` of a process that no longer runs: leftovers of runs that were killed."""
+    for p in directory.glob(pattern):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Some file systems refuse fsync on a directory; the file is complete either way.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class AtomicFile:
+    """A file that appears at `path` complete or not at all.
+
+    The temporary file is created on construction, so an unwritable path fails before
+    any (long) work is done; write to `.file`, then `commit` fsyncs it and renames it
+    over `path`. Leaving the `with` block without a commit (an error, Ctrl-C) removes
+    the temporary file and leaves an existing `path` untouched. I/O failures raise
+    `error` (an MTError class): "cannot <action> <path>: <reason>".
+    """
+
+    def __init__(
+        self, path: str | Path, action: str = "write output", error: type[MTError] = MTError
+    ) -> None:
+        self.path, self.action, self.error = Path(path), action, error
+        if self.path.is_dir():
+            raise error(f"cannot {action} {self.path}: it is a directory")
+        self.tmp = temp_path(self.path)
+        self._open = False
+        try:
+            self.file: BinaryIO = open(self.tmp, "wb")  # closed by commit or discard
+        except OSError as e:
+            raise self._failed(e) from None
+        self._open = True
+
+    def _failed(self, e: OSError | RuntimeError) -> MTError:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        return self.error(f"cannot {self.action} {self.path}: {reason}")
+
+    def commit(self, data: bytes | None = None) -> None:
+        """Write `data` (if given) after what was written, and put the file in place."""
+        try:
+            with self.file as f:
+                if data is not None:
+                    f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.path)
+            self._open = False
+        except OSError as e:
+            self.discard()
+            raise self._failed(e) from e
+        _fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        self._open = False
+        self.file.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._open:  # not committed: an error, Ctrl-C, or the caller forgot
+            self.discard()
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 `text` to `path` atomically (see AtomicFile)."""
+    with AtomicFile(path) as out:
+        out.commit(text.encode("utf-8"))
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the complete directory `tmp` in the place of `out` (which may not exist).
+
+    Two renames, so a crash between them leaves no `out` (and the old one beside it,
+    removed later by `remove_stale`), never a mixture of old and new files.
+    """
+    old = temp_path(out, "old", hidden=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
