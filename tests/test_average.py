@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_translate import build_checkpoint, tiny_config
+from helpers import build_checkpoint, tiny_config
 
 from mt.average import average_checkpoints
 from mt.checkpoint import load_checkpoint, save_checkpoint

@@ -1,11 +1,18 @@
+"""Checkpoints: atomic saves that never lose the previous one, plain-data loading, RNG state,
+keeping the last N; and every bad file (damaged, foreign, not fitting the model, or one whose
+unpickling would run code) is one error line from the commands that load it."""
+
 import errno
 import os
+import pickle
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import corpus_config, error_line, one_thread
 
 import mt.checkpoint as ckpt
 from mt.checkpoint import (
@@ -16,6 +23,7 @@ from mt.checkpoint import (
     set_rng_state,
     step_checkpoints,
 )
+from mt.cli import main
 from mt.errors import CheckpointError
 
 
@@ -159,3 +167,105 @@ def test_keep_last(tmp_path):
     assert keep_last(tmp_path, 5) == []
     keep_last(tmp_path, 0)
     assert step_checkpoints(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- bad checkpoints via the CLI
+
+
+def _translate_checkpoint(tmp_path: Path, ck: Path, capsys) -> tuple[int, str]:
+    inp = tmp_path / "in.txt"
+    inp.write_text("ein hund\n", encoding="utf-8")
+    with one_thread():
+        rc = main(["translate", "--checkpoint", str(ck), "--input", str(inp), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert out == ""
+    return rc, err
+
+
+def _bad_files(tmp_path: Path, checkpoint: Path) -> dict[str, Path]:
+    good = checkpoint.read_bytes()
+    files = {
+        "truncated": good[: len(good) // 2],
+        "cut short by a few bytes": good[:-7],
+        "empty": b"",
+        "text": b"hello, I am not a checkpoint\n",
+        "random bytes": bytes(range(256)) * 8,
+    }
+    paths = {}
+    for name, data in files.items():
+        paths[name] = tmp_path / f"{name.replace(' ', '_')}.pt"
+        paths[name].write_bytes(data)
+    paths["a tensor"] = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), paths["a tensor"])
+    paths["someone else's state dict"] = tmp_path / "state_dict.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), paths["someone else's state dict"])
+    return paths
+
+
+def test_bad_checkpoint_files_are_one_line_errors(tmp_path, capsys, checkpoint):
+    for name, path in _bad_files(tmp_path, checkpoint).items():
+        rc, err = _translate_checkpoint(tmp_path, path, capsys)
+        assert rc == 2, name
+        assert err.count("\n") == 1 and err.startswith("mt translate: error: "), (name, err)
+        assert str(path) in err, name
+
+
+def test_checkpoint_whose_config_is_not_a_mapping(tmp_path, capsys, checkpoint):
+    ck = load_checkpoint(checkpoint)
+    ck["config"] = ["not", "a", "mapping"]
+    save_checkpoint(tmp_path / "bad.pt", ck)
+    rc, err = _translate_checkpoint(tmp_path, tmp_path / "bad.pt", capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("damage", ["other shapes", "model not a dict"])
+def test_checkpoint_with_weights_that_do_not_fit(tmp_path, capsys, checkpoint, damage):
+    ck = load_checkpoint(checkpoint)
+    if damage == "other shapes":  # e.g. a checkpoint written by another version of the model code
+        ck["config"]["model"]["ffn_dim"] = 48
+    else:
+        ck["model"] = [1, 2, 3]
+    save_checkpoint(tmp_path / "bad.pt", ck)
+    rc, err = _translate_checkpoint(tmp_path, tmp_path / "bad.pt", capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+
+
+class _Evil:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil_checkpoints(tmp_path: Path, marker: Path) -> list[Path]:
+    zipped = tmp_path / "evil_zip.pt"  # torch's zip format, inside a plausible checkpoint
+    torch.save({"format": "mt-checkpoint", "version": 1, "model": {}, "payload": _Evil(marker)}, zipped)
+    legacy = tmp_path / "evil_pickle.pt"  # a bare pickle, as torch's legacy format
+    legacy.write_bytes(pickle.dumps(_Evil(marker)))
+    return [zipped, legacy]
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, corpus, prepared_dir):
+    marker = tmp_path / "PWNED"
+    evil = _evil_checkpoints(tmp_path, marker)
+    for path in evil:
+        with pytest.raises(CheckpointError, match="not a plain-data PyTorch file"):
+            load_checkpoint(path)
+        rc, err = _translate_checkpoint(tmp_path, path, capsys)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert main(["average", "--output", str(tmp_path / "avg.pt"), str(path), str(path)]) == 2
+        assert "not a plain-data PyTorch file" in capsys.readouterr().err
+
+    # Resuming training from a planted checkpoint_last.pt.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint_last.pt").write_bytes(evil[0].read_bytes())
+    rc = main(["train", str(corpus_config(tmp_path, corpus)), "train.max_steps=2", "train.threads=1",
+               f"data.prepared_dir={prepared_dir}"])
+    assert rc == 2
+    assert "not a plain-data PyTorch file" in error_line(capsys.readouterr().err, "train")
+    assert not marker.exists(), "unpickling ran code"
+    assert not (tmp_path / "avg.pt").exists()

@@ -1,11 +1,14 @@
+"""Experiment configs: the shipped ones load, overrides, and every mistake is one error line that
+names the key, in `load_config` and through the CLI."""
+
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
+from mt.cli import main
 from mt.config import Config, load_config, parse_override, save_config, to_dict
 from mt.errors import ConfigError
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -104,3 +107,48 @@ def test_parse_override_reads_yaml_scalars():
     assert parse_override("train.betas=[0.9, 0.99]") == ("train", "betas", [0.9, 0.99])
     assert parse_override("data.hub=null") == ("data", "hub", None)
     assert parse_override("data.src_lang=de") == ("data", "src_lang", "de")
+
+
+# --------------------------------------------------------------------------- via the CLI
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("train:\n  lrr: 0.1\n", [], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("", ["train.warmup_step=10"], "'train.warmup_step' (did you mean 'train.warmup_steps'?)"),
+        ("trian:\n  lr: 0.1\n", [], "unknown config section 'trian' (did you mean 'train'?)"),
+        ("", ["decod.beam=2"], "unknown config section 'decod' (did you mean 'decode'?)"),
+        ("", ["model.layers=two"], "model.layers: 'two' is not a valid value; expected int"),
+        ("model:\n  dropout: high\n", [], "model.dropout: 'high' is not a valid value; expected float"),
+        ("", ["train.valid_bleu=maybe"], "train.valid_bleu: 'maybe' is not a valid value; expected bool"),
+        ("", ["model.dropout=-0.1"], "model.dropout: must be in [0, 1), got -0.1"),
+        ("", ["decode.beam=0"], "decode.beam: must be >= 1, got 0"),
+        ("", ["train.warmup_steps=-1"], "train.warmup_steps: must be >= 0, got -1"),
+        ("", ["train.max_tokens=40"], "train.max_tokens: 40 is smaller than the longest allowed sentence"),
+        ("train: {lr: [1, 2\n", [], "not valid YAML"),
+        ("data:\n\tlocal_dir: x\n", [], "not valid YAML"),
+        ("", ["train.betas=[0.9"], "override 'train.betas=[0.9': cannot parse value"),
+        ("- 1\n- 2\n", None, "expected a mapping with sections"),
+        ("model: 3\n", [], "section 'model' must be a mapping"),
+    ],
+)
+@pytest.mark.parametrize("cmd", ["prepare", "train"])
+def test_bad_config_is_one_line_via_the_cli(tmp_path, capsys, cmd, text, overrides, message):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text if overrides is None else "data:\n  local_dir: x\n  max_len: 64\n" + text)
+    assert main([cmd, str(path), *(overrides or [])]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith(f"mt {cmd}: error: "), err
+    assert message in err
+
+
+def test_missing_or_undecodable_config_via_the_cli(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err == f"mt train: error: config file not found: {tmp_path / 'nope.yaml'}\n"
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"data:\n  local_dir: caf\xe9\n")
+    assert main(["prepare", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "latin1.yaml: not valid YAML" in err

@@ -4,7 +4,7 @@ prepare, train a few steps, resume, translate a file, score the test split."""
 import json
 
 import pytest
-from conftest import MULTI30K, REPO
+from helpers import MULTI30K, REPO
 
 from mt.checkpoint import load_checkpoint
 from mt.cli import main

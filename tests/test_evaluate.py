@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
-from conftest import corpus_config, make_corpus, synthetic_pairs
-from test_translate import build_checkpoint
+from helpers import build_checkpoint, corpus_config, make_corpus, synthetic_pairs
 
 from mt.cli import main
 from mt.config import load_config

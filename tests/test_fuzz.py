@@ -7,9 +7,9 @@ import gzip
 from pathlib import Path
 
 import pytest
+from helpers import build_checkpoint, corpus_config
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-from test_translate import build_checkpoint
 
 from mt import sources
 from mt.cli import main
@@ -157,8 +157,6 @@ SENTENCE = st.text(CHARS.filter(lambda c: c != "\n"), min_size=0, max_size=30)
 def test_prepare_any_text_prepares_or_raises_mterror(tmp_path_factory, train, valid, vocab):
     """Valid keeps every line in order (stripped; a CR inside a line becomes a space). A small
     vocabulary often cannot hold the alphabet of random text: that must be an MTError too."""
-    from conftest import corpus_config
-
     root = tmp_path_factory.mktemp("prep")
     corpus = root / "corpus"
     corpus.mkdir()

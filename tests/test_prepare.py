@@ -1,16 +1,33 @@
+"""`mt prepare`: the cache it writes and when it prepares again; valid and test keep every line,
+whatever it holds; bad input is one clear error; a killed run leaves the old cache or none,
+never half of one (the kills through tests/fault_driver.py, see helpers.run_mt)."""
+
+from __future__ import annotations
+
 import gzip
 import json
 import os
+from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
-from conftest import corpus_config, make_corpus, synthetic_pairs, write_lines
+from helpers import (
+    KILLED,
+    corpus_config,
+    corpus_files,
+    error_line,
+    make_corpus,
+    run_mt,
+    synthetic_pairs,
+    write_lines,
+)
 
+from mt.cli import main
 from mt.config import load_config
 from mt.dataset import load_prepared
 from mt.errors import DataError
-from mt.prepare import prepare
+from mt.prepare import is_up_to_date, prepare
 
 
 def _prepare(tmp_path, corpus, *overrides):
@@ -185,6 +202,154 @@ def test_failure_keeps_previous_cache(tmp_path, monkeypatch):
         prepare(cfg2, quiet=True)
     assert json.loads((out / "meta.json").read_text())["fingerprint"] == old
     assert not list(out.parent.glob(".*tmp*"))
+
+
+def _prepare_cli(tmp_path: Path, corpus: Path, capsys, *overrides: str) -> tuple[int, str]:
+    rc = main(["prepare", str(corpus_config(tmp_path, corpus)), *overrides])
+    return rc, capsys.readouterr().err
+
+
+HOSTILE = [
+    "der\x00hund",  # NUL
+    "die\x07katze \x1b[31mrot\x1b[0m",  # bell, ANSI escapes
+    "   ",  # only spaces
+    "\t\x0b\x0c",  # only other whitespace
+    "ein\rhund",  # a lone CR inside a line
+    "a\x85b\u2028c\u2029d\x1ce",  # characters str.splitlines() would split on
+    "hund " * 20_000,  # a 100,000-character line
+    "שלום עולם",  # Hebrew
+    "مرحبا بالعالم",  # Arabic
+    "\u202eright-to-left override\u202c",
+    "你好世界，一只狗在公园里跑",  # CJK
+    "犬が公園を走っています",
+    "\ufeffein hund",  # a BOM that is not at the start of the file is text
+    "",  # empty
+    "🐕 🐈 🇩🇪",  # emoji, flags
+]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_hostile_lines_in_valid_and_test_are_kept_in_order(tmp_path, capsys, gz):
+    """Valid and test splits keep every line in order, stripped; a lone CR inside a line becomes a
+    space in the reference text (written one line per sentence). Training drops what it must, and
+    the counts add up."""
+    src, tgt = synthetic_pairs(len(HOSTILE), seed=1)
+    train_src, train_tgt = synthetic_pairs(200, seed=0)
+    train_src[: len(HOSTILE)] = HOSTILE
+    train_tgt[50 : 50 + len(HOSTILE)] = HOSTILE
+    corpus = corpus_files(tmp_path / "corpus", {
+        "train": (train_src, train_tgt),
+        "val": (["\ufeff" + src[0], *src[1:]], HOSTILE),  # a BOM at the start of a file is not text
+        "test": (HOSTILE, tgt),
+    }, gz)
+    # CJK needs more characters than a 60-piece vocabulary holds; see the next test.
+    rc, err = _prepare_cli(tmp_path, corpus, capsys, "data.vocab_size=300", "data.character_coverage=0.9995")
+    assert rc == 0, err
+    data = load_prepared(tmp_path / "prepared")
+    expected = [h.strip().replace("\r", " ") for h in HOSTILE]
+    assert data.text("valid", "tgt") == expected
+    assert data.text("valid", "src") == src
+    assert data.text("test", "src") == expected
+    assert len(data.split("valid")) == len(data.split("test")) == len(HOSTILE)
+    assert data.split("valid").tgt_lens[6] >= 20_000, "the long line is kept whole"
+    st = data.meta["splits"]["train"]
+    assert st["read"] == 200 and st["kept"] + sum(st["dropped"].values()) == 200
+    assert st["dropped"]["empty"] >= 4 and st["dropped"]["too_long"] >= 1
+
+
+def test_vocabulary_too_small_for_the_alphabet_is_a_data_error(tmp_path, capsys):
+    src, tgt = synthetic_pairs(100, seed=0)
+    cjk = [chr(0x4E00 + 7 * i) + chr(0x4E01 + 11 * i) for i in range(100)]  # 200 distinct characters
+    corpus = corpus_files(tmp_path / "corpus", {"train": (cjk, tgt), "val": (src[:5], tgt[:5]),
+                                                "test": (src[:5], tgt[:5])})
+    rc, err = _prepare_cli(tmp_path, corpus, capsys)  # vocab_size 60
+    assert rc == 2
+    line = error_line(err, "prepare")
+    assert "data.vocab_size" in line and "character_coverage" in line
+    assert not list(tmp_path.glob(".prepared*")), "no half-written cache"
+
+
+def test_mismatched_plain_files_via_the_cli(tmp_path, capsys):
+    src, tgt = synthetic_pairs(50, seed=0)
+    corpus = corpus_files(tmp_path / "corpus", {"train": (src, tgt[:-1]), "val": (src[:5], tgt[:5]),
+                                                "test": (src[:5], tgt[:5])})
+    rc, err = _prepare_cli(tmp_path, corpus, capsys)
+    assert rc == 2
+    line = error_line(err, "prepare")
+    assert f"{corpus / 'train.de'} has 50 lines but {corpus / 'train.en'} has 49" in line
+
+
+def test_undecodable_and_corrupt_files_name_the_file(tmp_path, capsys):
+    src, tgt = synthetic_pairs(50, seed=0)
+    corpus = corpus_files(tmp_path / "corpus", {"train": (src, tgt), "val": (src[:5], tgt[:5]),
+                                                "test": (src[:5], tgt[:5])})
+    good = (corpus / "val.en").read_bytes()
+    (corpus / "val.en").write_bytes(good.replace(b"\n", b"\n\xc3\x28 \xff\n", 1)[: len(good) + 5])
+    rc, err = _prepare_cli(tmp_path, corpus, capsys)
+    assert rc == 2 and f"{corpus / 'val.en'}:2: not valid UTF-8" in error_line(err, "prepare")
+    (corpus / "val.en").write_bytes(good)
+
+    zipped = gzip.compress(good * 20)
+    (corpus / "test.en").unlink()
+    for name, data in [
+        ("truncated", zipped[: len(zipped) // 2]),
+        ("not gzip", b"plain text, not gzip\n"),
+        ("corrupt", zipped[:12] + bytes(b ^ 0x5A for b in zipped[12:40]) + zipped[40:]),
+    ]:
+        (corpus / "test.en.gz").write_bytes(data)
+        rc, err = _prepare_cli(tmp_path, corpus, capsys)
+        assert rc == 2, name
+        assert f"{corpus / 'test.en.gz'}: cannot read" in error_line(err, "prepare"), name
+
+
+def test_empty_valid_split_via_the_cli(tmp_path, capsys):
+    src, tgt = synthetic_pairs(50, seed=0)
+    corpus = corpus_files(tmp_path / "corpus", {"train": (src, tgt), "val": ([], []), "test": (src, tgt)})
+    rc, err = _prepare_cli(tmp_path, corpus, capsys)
+    assert rc == 2 and "split 'valid' is empty" in error_line(err, "prepare")
+
+
+# --------------------------------------------------------------------------- interrupted preparation
+
+
+def _stale(prepared: Path) -> list[str]:
+    return sorted(p.name for p in prepared.parent.glob(f".{prepared.name}.*"))
+
+
+@pytest.mark.slow
+def test_sigkill_during_prepare_leaves_old_cache_or_none(tmp_path, mt_env):
+    corpus = make_corpus(tmp_path / "corpus", n_train=100, n_valid=10, n_test=10)
+    config = corpus_config(tmp_path, corpus)
+    out = tmp_path / "prepared"
+
+    # No cache yet: a killed run leaves none (and a temp directory that is not a cache).
+    proc = run_mt(["prepare", str(config)], tmp_path, mt_env, "prepare")
+    assert proc.returncode == KILLED, proc.stderr[-3000:]
+    assert not out.exists()
+    assert len(_stale(out)) == 1
+
+    old_cfg = load_config(config)
+    prepare(old_cfg, quiet=True)  # cleans up the dead run's temp directory
+    assert _stale(out) == []
+    old_meta = (out / "meta.json").read_text()
+
+    # A complete cache: a run killed while writing arrays leaves it as it was.
+    proc = run_mt(["prepare", str(config), "data.vocab_size=50"], tmp_path, mt_env, "prepare")
+    assert proc.returncode == KILLED, proc.stderr[-3000:]
+    assert (out / "meta.json").read_text() == old_meta and is_up_to_date(old_cfg)
+    assert len(load_prepared(out).split("train")) == 100
+    assert len(_stale(out)) == 1
+
+    # Killed between moving the old cache aside and the new one in: no cache, never half of one.
+    proc = run_mt(["prepare", str(config), "data.vocab_size=50"], tmp_path, mt_env, "swap")
+    assert proc.returncode == KILLED, proc.stderr[-3000:]
+    assert not out.exists() or (out / "meta.json").read_text() == old_meta
+    assert not is_up_to_date(load_config(config, ["data.vocab_size=50"]))
+
+    new_cfg = load_config(config, ["data.vocab_size=50"])
+    prepare(new_cfg, quiet=True)
+    assert _stale(out) == [], "stale temporary and old directories are removed"
+    assert is_up_to_date(new_cfg) and len(load_prepared(out).split("valid")) == 10
 
 
 # --------------------------------------------------------------------------- the hub path

@@ -1,20 +1,34 @@
+"""Training: what a run writes, resuming, non-finite updates, checkpoints averaged and scored;
+and the faults a run survives: SIGKILL at any moment or Ctrl-C (the same command resumes to
+exactly the uninterrupted run), an unwritable output directory, a full disk while saving.
+
+The kills are injected from outside, through tests/fault_driver.py (see helpers.run_mt).
+"""
+
+from __future__ import annotations
+
+import errno
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import corpus_config, make_corpus
+from helpers import DRIVER, KILLED, corpus_config, corpus_files, error_line, run_mt, synthetic_pairs
 
+import mt.checkpoint as ckpt_mod
 import mt.trainer as trainer_mod
-from mt.checkpoint import load_checkpoint
+from mt.checkpoint import load_checkpoint, step_checkpoints
+from mt.cli import main
 from mt.config import load_config
 from mt.errors import MTError
 from mt.trainer import train
 
-
-@pytest.fixture
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"), n_train=300, n_valid=20, n_test=20)
+# `corpus` and `prepared_dir` are conftest's, shared by the module (read only).
 
 
 def _cfg(tmp_path, corpus, *overrides):
@@ -90,6 +104,58 @@ def test_nonfinite_loss_is_skipped(tmp_path, corpus, monkeypatch, capsys):
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_nonfinite_update_is_skipped_not_saved(tmp_path, corpus, prepared_dir, monkeypatch, capsys, where):
+    """test_nonfinite_loss_is_skipped checks the warning and finite saved weights; this checks that the
+    bad update really left weights and optimizer alone, also for a finite loss with a NaN gradient."""
+    snapshots = []
+    real_update = trainer_mod.Trainer.update
+
+    def update(self, batches):
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        opt_steps = [float(s["step"]) for s in self.optimizer.state.values()]
+        out = real_update(self, batches)
+        snapshots.append((self.state.step + 1, before, opt_steps, self))
+        return out
+
+    real_nll, real_clip = trainer_mod.label_smoothed_nll, torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def nll(logits, target, smoothing):
+        calls["n"] += 1
+        loss, n = real_nll(logits, target, smoothing)
+        return (loss * float("nan"), n * float("nan")) if calls["n"] == 3 else (loss, n)
+
+    def clip(params, max_norm):
+        calls["n"] += 1
+        params = list(params)
+        if calls["n"] == 3:
+            params[0].grad.fill_(float("nan"))
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "update", update)
+    if where == "loss":
+        monkeypatch.setattr(trainer_mod, "label_smoothed_nll", nll)
+    else:
+        monkeypatch.setattr(trainer_mod.torch.nn.utils, "clip_grad_norm_", clip)
+    rc = main(["train", str(corpus_config(tmp_path, corpus)), "train.max_steps=4", "train.valid_every=0",
+               "train.valid_bleu=false", "train.threads=1", f"data.prepared_dir={prepared_dir}"])
+    assert rc == 0
+    assert "non-finite loss or gradient at step 3" in capsys.readouterr().err
+    step, before, opt_steps, trainer = snapshots[2]
+    after_step3 = snapshots[3][1]  # the weights before update 4 are those after update 3
+    assert step == 3
+    for k, v in before.items():
+        assert torch.equal(v, after_step3[k]), f"the skipped update changed {k}"
+    assert [float(s["step"]) for s in trainer.optimizer.state.values()] == [x + 1 for x in opt_steps]
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert all(
+        torch.isfinite(t).all() for s in ck["optimizer"]["state"].values() for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )
+
+
 def test_diverging_run_stops_with_a_clear_error(tmp_path, corpus, monkeypatch):
     def always_nan(logits, target, smoothing):
         s = logits.float().sum() * float("nan")
@@ -136,3 +202,207 @@ def test_final_test_uses_decode_precision(tmp_path, corpus, capsys):
     assert result["test"]["best_beam2"]["precision"] == "bf16"
     assert (cfg.out_dir / "checkpoint_best.test.beam2.bf16.json").is_file()
     assert ", bf16, " in capsys.readouterr().out
+
+
+def test_training_with_a_valid_line_longer_than_the_model(tmp_path, capsys):
+    """The valid split keeps a 20,000-token line; validation must not crash on it."""
+    src, tgt = synthetic_pairs(200, seed=0)
+    vsrc, vtgt = synthetic_pairs(6, seed=1)
+    vsrc[2] = "hund " * 20_000
+    vtgt[4] = "dog " * 20_000
+    corpus = corpus_files(tmp_path / "corpus", {"train": (src, tgt), "val": (vsrc, vtgt),
+                                                "test": (vsrc, vtgt)})
+    rc = main(["train", str(corpus_config(tmp_path, corpus)), "train.max_steps=2", "train.threads=1",
+               "model.max_positions=64"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "valid"] == [2]
+
+
+# --------------------------------------------------------------------------- unwritable or full output
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_unwritable_out_dir_is_a_clear_error(tmp_path, corpus, prepared_dir, capsys, where):
+    # The tests run as root, where chmod does not stop writes: use places nobody can write.
+    if where == "under a file":
+        (tmp_path / "somefile").write_text("x")
+        out_dir = tmp_path / "somefile" / "run"
+    else:
+        out_dir = Path("/proc/mt-test-run")
+    rc = main(["train", str(corpus_config(tmp_path, corpus)), "train.max_steps=2", "train.threads=1",
+               f"data.prepared_dir={prepared_dir}", f"train.out_dir={out_dir}"])
+    assert rc == 2
+    line = error_line(capsys.readouterr().err, "train")
+    assert f"train.out_dir: cannot write to {out_dir}" in line
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(
+    tmp_path, corpus, prepared_dir, monkeypatch, capsys
+):
+    last = tmp_path / "run" / "checkpoint_last.pt"
+    real_save = ckpt_mod.torch.save
+    seen = {"calls": 0, "before": b""}
+
+    def save(obj, f, *args, **kwargs):
+        seen["calls"] += 1
+        if seen["calls"] == 3:  # the first file of the second checkpoint (step 4)
+            seen["before"] = last.read_bytes()
+            f.write(b"PK\x03\x04 a quarter of a zip")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", save)
+    rc = main(["train", str(corpus_config(tmp_path, corpus)), "train.max_steps=6", "train.valid_every=2",
+               "train.valid_bleu=false", "train.threads=1", f"data.prepared_dir={prepared_dir}"])
+    assert rc == 2
+    line = error_line(capsys.readouterr().err, "train")
+    assert "cannot save checkpoint " + str(tmp_path / "run") in line and "No space left on device" in line
+    assert seen["before"] and last.read_bytes() == seen["before"], "the previous checkpoint is unchanged"
+    monkeypatch.undo()
+    assert load_checkpoint(last)["state"]["step"] == 2
+    assert not list(last.parent.glob("*.tmp-*"))
+
+
+# --------------------------------------------------------------------------- killed at any moment, or Ctrl-C
+
+# 14 steps of 7 batches an epoch: validations (and checkpoints) at steps 4, 7 (epoch end), 8, 12
+# and 14 (end); keep_last keeps step checkpoints; dropout makes the RNG state matter; validation
+# loss decides the best checkpoint (deterministic: it falls at every validation here).
+RUN = [
+    "train.max_steps=14", "train.valid_every=4", "train.max_tokens=400", "train.keep_last=2",
+    "train.best_metric=loss", "model.dropout=0.1", "train.threads=1", "train.device=cpu",
+    "data.local_splits={train: train, valid: val}",
+]
+
+
+def run_args(tmp_path: Path, corpus: Path, prepared_dir: Path) -> list[str]:
+    return ["train", str(corpus_config(tmp_path, corpus)), *RUN, f"data.prepared_dir={prepared_dir}"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, prepared_dir, mt_env) -> Path:
+    """The run directory of the uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = run_mt(run_args(tmp, corpus, prepared_dir), tmp, mt_env)
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "run"
+
+
+def _same(a: object, b: object, where: str = "") -> None:
+    """Deep equality of checkpoint contents, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _content(path: Path) -> dict:
+    """A checkpoint without what legitimately differs between two runs: paths and wall time."""
+    ck = load_checkpoint(path)
+    ck.pop("config")  # holds train.out_dir
+    ck["state"].pop("elapsed")
+    return ck
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    for r in rows:
+        r.pop("tok_s", None)  # throughput, the one timing-dependent value
+    return rows
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Final weights, optimizer, RNG, counters, best and step checkpoints and metrics all equal."""
+    assert [r for r in _metrics(run) if r["kind"] == "train"] == [
+        r for r in _metrics(reference) if r["kind"] == "train"
+    ], "train losses differ"
+    assert _metrics(run) == _metrics(reference), "validation records differ"
+    names = sorted(p.name for p in reference.glob("*.pt"))
+    assert sorted(p.name for p in run.glob("*.pt")) == names
+    for name in names:
+        _same(_content(run / name), _content(reference / name), name)
+
+
+def assert_checkpoints_load(run: Path) -> list[str]:
+    """Every checkpoint file on disk loads; temp files are never taken for checkpoints.
+
+    Returns the names of the temp files left by a killed save."""
+    for p in run.glob("*.pt"):
+        load_checkpoint(p)
+    listed = [p.name for _, p in step_checkpoints(run)]
+    assert all(".tmp-" not in name for name in listed), listed
+    return [p.name for p in run.glob("*.tmp-*")] if run.is_dir() else []
+
+
+# Applied one after the other to one run directory: each run resumes what the previous
+# one left, then is killed at its own point; the last, plain, run completes.
+KILLS = [
+    "update@3",  # during a step, before any checkpoint exists
+    "metrics@5",  # half a line of metrics.jsonl written
+    "validate@8",  # mid-validation
+    "saved@8:checkpoint_last.pt",  # right after the checkpoint, before the validation is logged
+    "save@12:checkpoint_last.pt",  # half of checkpoint_last.pt written
+    "save@14:checkpoint_best.pt",  # half of the final checkpoint_best.pt written
+]
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(
+    tmp_path, corpus, prepared_dir, mt_env, reference
+):
+    args = run_args(tmp_path, corpus, prepared_dir)
+    run = tmp_path / "run"
+    temps: list[str] = []
+    for fault in KILLS:
+        proc = run_mt(args, tmp_path, mt_env, fault)
+        assert proc.returncode == KILLED, f"{fault}: not killed (rc {proc.returncode})\n{proc.stderr[-3000:]}"
+        temps += assert_checkpoints_load(run)
+    assert temps, "the mid-save kills leave temp files (and they were not taken for checkpoints)"
+    proc = run_mt(args, tmp_path, mt_env)  # the same command, no fault
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout
+    assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path, corpus, prepared_dir, mt_env, reference):
+    args = run_args(tmp_path, corpus, prepared_dir)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(DRIVER), "interrupt@5", *args], cwd=tmp_path, env=mt_env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:  # until step 5 is logged
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and '"step": 5, ' in metrics.read_text(encoding="utf-8"):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # A clean interrupt still exits 130, as shells report Ctrl-C; the checkpoint is safe.
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert "interrupted at step 6; checkpoint saved to" in err and str(run / "checkpoint_last.pt") in err
+    assert "resume with the same command" in err
+    assert load_checkpoint(run / "checkpoint_last.pt")["state"]["step"] == 6
+    assert_checkpoints_load(run)
+
+    proc2 = run_mt(args, tmp_path, mt_env)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    assert "resuming from" in proc2.stdout and "at step 6" in proc2.stdout
+    assert_same_run(run, reference)

@@ -1,12 +1,9 @@
-"""`mt translate`: N lines in, N lines out, whatever the lines contain; atomic output.
-
-Also home of `build_checkpoint`, the tiny trained checkpoint the translate, evaluate
-and average tests share.
-"""
+"""`mt translate`: N lines in, N lines out, whatever the lines contain; atomic output, which a
+failed or killed run (through tests/fault_driver.py, see helpers.run_mt) never destroys."""
 
 from __future__ import annotations
 
-import functools
+import errno
 import io
 import os
 import re
@@ -18,94 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import REPO, one_thread, synthetic_pairs
+from helpers import KILLED, REPO, build_checkpoint, one_thread, run_mt, synthetic_pairs
 
-from mt.checkpoint import save_checkpoint
 from mt.cli import main
-from mt.config import Config, DataConfig, DecodeConfig, ModelConfig, to_dict
+from mt.config import DecodeConfig
 from mt.errors import DataError
 from mt.files import decode_lines
-from mt.model import Transformer
 from mt.search import greedy
-from mt.special import BOS, EOS, PAD
-from mt.tokenizer import Tokenizer, train_spm
 from mt.translator import Translator, cpu_workers, format_nbest, one_line, translate_ids
 
-# --------------------------------------------------------------------------- a tiny checkpoint
-
-
-@functools.lru_cache(maxsize=1)
-def tiny_spm() -> bytes:
-    src, tgt = synthetic_pairs(200, seed=0)
-    return train_spm(src + tgt, DataConfig(vocab_size=60, num_proc=1))
-
-
-def tiny_config(**model: object) -> Config:
-    cfg = Config(name="tiny")
-    cfg.data.max_len = 40
-    # max_positions small, so that a 2,000-token line really is over the model's limit.
-    cfg.model = ModelConfig(d_model=16, heads=2, ffn_dim=32, layers=1, dropout=0.0, max_positions=64)
-    for k, v in model.items():
-        setattr(cfg.model, k, v)
-    cfg.decode = DecodeConfig(beam=2, max_len_b=5)
-    return cfg
-
-
-def _batch(tok: Tokenizer, src: list[str], tgt: list[str]) -> tuple[torch.Tensor, ...]:
-    def pad(rows: list[list[int]]) -> torch.Tensor:
-        out = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.tensor(r)
-        return out
-
-    s = [ids + [EOS] for ids in tok.encode_src(src)]
-    t = tok.encode_tgt(tgt)
-    return pad(s), pad([[BOS] + ids for ids in t]), pad([ids + [EOS] for ids in t])
-
-
-def build_checkpoint(
-    path: Path,
-    cfg: Config | None = None,
-    src_proto: bytes | None = None,
-    tgt_proto: bytes | None = None,
-    steps: int = 40,
-    seed: int = 0,
-) -> Path:
-    """Save a checkpoint as the trainer writes it: a tiny model, trained `steps` steps on synthetic pairs."""
-    cfg = cfg or tiny_config()
-    src_proto = src_proto or tiny_spm()
-    tgt_proto = tgt_proto or src_proto
-    tok = Tokenizer(src_proto, tgt_proto)
-    torch.manual_seed(seed)
-    model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    src, tgt = synthetic_pairs(32, seed=seed)
-    batch = _batch(tok, src, tgt)
-    model.train()
-    with one_thread():
-        for _ in range(steps):  # enough for outputs that depend on the input
-            logits = model(batch[0], batch[1])
-            loss = F.cross_entropy(logits.flatten(0, 1), batch[2].flatten(), ignore_index=PAD)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    state = {
-        "config": to_dict(cfg),
-        "name": cfg.name,
-        "spm_src": src_proto,
-        "spm_tgt": tgt_proto,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "state": {"step": steps},
-    }
-    save_checkpoint(path, state)
-    return path
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.pt")
+# `checkpoint` is conftest's tiny trained checkpoint, shared by the session (read only).
 
 
 @pytest.fixture(scope="session")
@@ -282,25 +201,113 @@ def test_output_is_written_atomically(tmp_path, capsys, checkpoint, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
 
 
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _oom(*args, **kwargs):
+    raise MemoryError
+
+
+@pytest.mark.parametrize("fault", ["ctrl-c", "out of memory", "disk full"])
+def test_failed_translate_keeps_existing_output(tmp_path, monkeypatch, capsys, checkpoint, fault):
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(s + "\n" for s in SRC[:6]), encoding="utf-8")
+    out = tmp_path / "out.txt"
+    out.write_bytes(b"precious\n")
+    argv = ["translate", "--checkpoint", str(checkpoint), "--input", str(inp), "--output", str(out),
+            "--device", "cpu"]
+    with one_thread():
+        if fault == "ctrl-c":
+            monkeypatch.setattr(Translator, "translate_nbest", _interrupt)
+            assert main(argv) == 130
+        elif fault == "out of memory":
+            monkeypatch.setattr(Translator, "translate_nbest", _oom)
+            with pytest.raises(MemoryError):
+                main(argv)
+        else:  # the translation is done, writing it fails
+            monkeypatch.setattr("mt.files.os.fsync", _enospc)
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"mt translate: error: cannot write output {out}: No space left on device" in err
+    assert out.read_bytes() == b"precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]  # no temp file left
+
+
+@pytest.mark.slow
+def test_sigkill_during_translate_keeps_output_whole(tmp_path, mt_env, checkpoint, capsys):
+    src = SRC[:6]
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(s + "\n" for s in src), encoding="utf-8")
+    existing = tmp_path / "out.txt"
+    existing.write_bytes(b"precious\n")
+    fresh = tmp_path / "fresh.txt"
+    for out in (existing, fresh):
+        argv = ["translate", "--checkpoint", str(checkpoint), "--input", str(inp), "--output", str(out),
+                "--device", "cpu"]
+        proc = run_mt(argv, tmp_path, mt_env, "translate")
+        assert proc.returncode == KILLED, proc.stderr[-3000:]
+    assert existing.read_bytes() == b"precious\n", "an existing output is never destroyed"
+    assert not fresh.exists(), "no partial output"
+
+    with one_thread():
+        rc = main(["translate", "--checkpoint", str(checkpoint), "--input", str(inp),
+                   "--output", str(existing), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert len(existing.read_text(encoding="utf-8").split("\n")) == len(src) + 1
+
+
 # --------------------------------------------------------------------------- stdin and stdout
 
 
-class _Terminal:
-    """A stdin that says it is a terminal, with lines already typed."""
+class _Stdin:
+    """A stdin with these bytes in it, a terminal (lines already typed) or not (a pipe)."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, *, tty: bool) -> None:
         self.buffer = io.BytesIO(data)
+        self.tty = tty
 
     def isatty(self) -> bool:
-        return True
+        return self.tty
 
 
 def test_interactive_prompt_translates_each_line(capsys, monkeypatch, checkpoint, translator):
-    monkeypatch.setattr(sys, "stdin", _Terminal(f"{SRC[0]}\n\n{SRC[1]}\n".encode()))
+    monkeypatch.setattr(sys, "stdin", _Stdin(f"{SRC[0]}\n\n{SRC[1]}\n".encode(), tty=True))
     rc, out, err = run_cli(capsys, checkpoint, "--beam", "2")
     assert rc == 0, err
     assert out.split("\n")[:-1] == translator.translate([SRC[0], "", SRC[1]], beam=2)
     assert "> " in err
+
+
+@pytest.mark.parametrize(
+    "data, n",
+    [
+        (b"", 0),  # empty stdin
+        (b"\xef\xbb\xbf", 0),  # only a BOM
+        (b"\xef\xbb\xbf\n", 1),
+        (b"\n\n\n", 3),  # only empty lines
+        (b"\r\n\r\n", 2),
+        (b" \t \n\x0b\x0c\n", 2),  # only whitespace
+        (b"der\x00hund\ndie\x1b[1mkatze\n", 2),  # control characters
+        ("你好世界\nשלום עולם\nمرحبا\n🐕".encode(), 4),  # unknown scripts, no final newline
+        (("x" * 100_000 + "\n" + "hund " * 20_000).encode(), 2),  # no spaces at all; many tokens
+        (b"ein \xff hund\n\xc3\n\xed\xa0\x80\n", 3),  # bad UTF-8, with --errors replace
+    ],
+)
+def test_translate_stdin_n_lines_in_n_lines_out(monkeypatch, capsys, checkpoint, data, n):
+    """The tests above read files; here the stdin path (not a terminal) and more odd inputs."""
+    monkeypatch.setattr(sys, "stdin", _Stdin(data, tty=False))
+    with one_thread():
+        rc = main(["translate", "--checkpoint", str(checkpoint), "--device", "cpu", "--beam", "1",
+                   "--errors", "replace"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.count("\n") == n and (out == "" or out.endswith("\n"))
+    assert "\r" not in out
 
 
 def test_subprocess_reads_stdin_and_writes_stdout(checkpoint, translator):

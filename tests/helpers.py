@@ -1,0 +1,225 @@
+"""Helpers the test modules share: small synthetic corpora, a tiny trained checkpoint, and
+running `mt` in a subprocess, plainly or with one fault injected by tests/fault_driver.py.
+
+Fixtures and hooks live in conftest.py; this module holds plain functions and constants, so
+that test modules import them from here rather than from conftest or from each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mt.checkpoint import save_checkpoint
+from mt.config import Config, DataConfig, DecodeConfig, ModelConfig, to_dict
+from mt.model import Transformer
+from mt.special import BOS, EOS, PAD
+from mt.tokenizer import Tokenizer, train_spm
+
+REPO = Path(__file__).resolve().parent.parent
+MULTI30K = Path(os.environ.get("MT_MULTI30K", REPO.parent / "shared" / "corpora" / "multi30k"))
+
+WORDS_DE = (
+    "ein eine der die das mann frau hund katze kind spielt läuft sitzt auf im park ball rot blau".split()
+)
+WORDS_EN = "a an the the the man woman dog cat child plays runs sits on in park ball red blue".split()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: the tests' models are tiny, and on a busy 2-core machine a second
+    OpenMP thread makes them many times slower. Also gives the count back after in-process runs
+    that set their own (train.threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- synthetic corpora
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Word-by-word 'translations' of random German-like sentences."""
+    rng = random.Random(seed)
+    src, tgt = [], []
+    for _ in range(n):
+        idx = [rng.randrange(len(WORDS_DE)) for _ in range(rng.randint(2, 9))]
+        src.append(" ".join(WORDS_DE[i] for i in idx))
+        tgt.append(" ".join(WORDS_EN[i] for i in idx))
+    return src, tgt
+
+
+def write_lines(path: Path, lines: list[str], gz: bool = False) -> Path:
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def make_corpus(root: Path, n_train: int = 400, n_valid: int = 30, n_test: int = 30, gz: bool = True) -> Path:
+    """A local corpus in the Multi30k layout: {train,val,test}.{de,en}[.gz]."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stem, n, seed in (("train", n_train, 0), ("val", n_valid, 1), ("test", n_test, 2)):
+        src, tgt = synthetic_pairs(n, seed)
+        write_lines(root / f"{stem}.de", src, gz)
+        write_lines(root / f"{stem}.en", tgt, gz)
+    return root
+
+
+def corpus_files(root: Path, splits: dict[str, tuple[list[str], list[str]]], gz: bool = False) -> Path:
+    """A local corpus in the Multi30k layout with the given lines: {stem: (src, tgt)}."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stem, (src, tgt) in splits.items():
+        write_lines(root / f"{stem}.de", src, gz)
+        write_lines(root / f"{stem}.en", tgt, gz)
+    return root
+
+
+def corpus_config(tmp_path: Path, corpus: Path, **extra: object) -> Path:
+    """A tiny experiment YAML over a local corpus, prepared under tmp_path."""
+    lines = [
+        "data:",
+        f"  local_dir: {corpus}",
+        "  local_splits: {train: train, valid: val, test: test}",
+        f"  prepared_dir: {tmp_path / 'prepared'}",
+        "  vocab_size: 60",
+        "  max_len: 40",
+        "  num_proc: 1",
+        "model: {d_model: 16, heads: 2, ffn_dim: 32, layers: 1, dropout: 0.0}",
+        f"train: {{max_tokens: 256, max_steps: 4, valid_every: 2, lr: 0.003, warmup_steps: 2, "
+        f"log_every: 1, out_dir: {tmp_path / 'run'}}}",
+        "decode: {beam: 2, max_len_b: 5}",
+    ]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "exp.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- a tiny checkpoint
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_spm() -> bytes:
+    src, tgt = synthetic_pairs(200, seed=0)
+    return train_spm(src + tgt, DataConfig(vocab_size=60, num_proc=1))
+
+
+def tiny_config(**model: object) -> Config:
+    cfg = Config(name="tiny")
+    cfg.data.max_len = 40
+    # max_positions small, so that a 2,000-token line really is over the model's limit.
+    cfg.model = ModelConfig(d_model=16, heads=2, ffn_dim=32, layers=1, dropout=0.0, max_positions=64)
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    cfg.decode = DecodeConfig(beam=2, max_len_b=5)
+    return cfg
+
+
+def _batch(tok: Tokenizer, src: list[str], tgt: list[str]) -> tuple[torch.Tensor, ...]:
+    def pad(rows: list[list[int]]) -> torch.Tensor:
+        out = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r)
+        return out
+
+    s = [ids + [EOS] for ids in tok.encode_src(src)]
+    t = tok.encode_tgt(tgt)
+    return pad(s), pad([[BOS] + ids for ids in t]), pad([ids + [EOS] for ids in t])
+
+
+def build_checkpoint(
+    path: Path,
+    cfg: Config | None = None,
+    src_proto: bytes | None = None,
+    tgt_proto: bytes | None = None,
+    steps: int = 40,
+    seed: int = 0,
+) -> Path:
+    """Save a checkpoint as the trainer writes it: a tiny model, trained `steps` steps on synthetic pairs."""
+    cfg = cfg or tiny_config()
+    src_proto = src_proto or tiny_spm()
+    tgt_proto = tgt_proto or src_proto
+    tok = Tokenizer(src_proto, tgt_proto)
+    torch.manual_seed(seed)
+    model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    src, tgt = synthetic_pairs(32, seed=seed)
+    batch = _batch(tok, src, tgt)
+    model.train()
+    with one_thread():
+        for _ in range(steps):  # enough for outputs that depend on the input
+            logits = model(batch[0], batch[1])
+            loss = F.cross_entropy(logits.flatten(0, 1), batch[2].flatten(), ignore_index=PAD)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    state = {
+        "config": to_dict(cfg),
+        "name": cfg.name,
+        "spm_src": src_proto,
+        "spm_tgt": tgt_proto,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "state": {"step": steps},
+    }
+    save_checkpoint(path, state)
+    return path
+
+
+# --------------------------------------------------------------------------- the CLI's errors
+
+
+def error_line(err: str, cmd: str) -> str:
+    """The CLI's error: one line, no traceback (progress bars may precede it)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"mt {cmd}: error: ")]
+    assert len(lines) == 1, err
+    assert err.rstrip("\n").endswith(lines[0]), "nothing after the error line"
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- mt in a subprocess
+
+# Faults are injected from outside: the run is started through this script, which monkeypatches
+# one function of `mt` to SIGKILL its own process at a precise point, so no test hooks live in
+# the production code and the process gets no chance to clean up.
+DRIVER = Path(__file__).resolve().parent / "fault_driver.py"
+
+KILLED = -signal.SIGKILL  # the return code of a process that died of SIGKILL
+
+
+def subprocess_env(hf_cache: Path) -> dict[str, str]:
+    """The environment for `mt` in a subprocess: one thread, offline hub, its own datasets cache."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(hf_cache),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def run_mt(args: list[str], cwd: Path, env: dict[str, str], fault: str | None = None,
+           timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m mt ARGS`, or the same through the fault driver with FAULT (see fault_driver.py)."""
+    cmd = [sys.executable, str(DRIVER), fault, *args] if fault else [sys.executable, "-m", "mt", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
