@@ -118,8 +118,10 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
 # --------------------------------------------------------------------------- RNG state
 
 
-def rng_state() -> dict[str, Any]:
-    """The Python, NumPy (global), torch CPU and CUDA generator states, as plain data."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The Python, NumPy (global) and torch CPU generator states, and that of `device` when it
+    is a GPU (only that one: each rank owns one GPU, and a CPU run never initialises CUDA),
+    as plain data."""
     version, internal, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
@@ -132,17 +134,17 @@ def rng_state() -> dict[str, Any]:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` captured.
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what `rng_state` captured, the GPU generator's on `device` (if a GPU).
 
-    CUDA states are restored for the devices that exist now (a run resumed on fewer
-    GPUs restores a prefix). Generator states must be CPU byte tensors, so states
-    loaded with map_location="cuda" are moved back first.
+    Generator states must be CPU byte tensors, so states loaded with map_location="cuda"
+    are moved back first. Checkpoints of older versions hold a list of every visible GPU's
+    state: the one at the device's index is taken.
     """
     py = state["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
@@ -150,9 +152,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     keys = npy["keys"].cpu().numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s.cpu(), i)
+    if "cuda" in state and device is not None and device.type == "cuda":
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):
+            cuda = cuda[device.index or 0] if len(cuda) > (device.index or 0) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 # --------------------------------------------------------------------------- step checkpoints

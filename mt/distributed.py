@@ -23,6 +23,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    backend: str = "gloo"
 
     @classmethod
     def from_env(cls) -> Dist:
@@ -37,7 +38,7 @@ class Dist:
             # A rank that dies leaves the others blocked in a collective; time out rather than hang
             # (torchrun also tears the whole job down when one worker fails).
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        return cls(rank, world, local)
+        return cls(rank, world, local, dist.get_backend())
 
     @property
     def is_main(self) -> bool:
@@ -59,12 +60,18 @@ class Dist:
         return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def no_sync(self, model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-        """Skip the gradient all-reduce on all but the last batch of an accumulated update."""
-        if self.enabled and not sync and isinstance(model, DistributedDataParallel):
-            return model.no_sync()
+        """Skip the gradient all-reduce on all but the last batch of an accumulated update.
+
+        `model` may be the DDP module or torch.compile's wrapper of it (`_orig_mod`).
+        """
+        ddp = getattr(model, "_orig_mod", model)
+        if self.enabled and not sync and isinstance(ddp, DistributedDataParallel):
+            return ddp.no_sync()
         return contextlib.nullcontext()
 
     def all_reduce_sum(self, t: torch.Tensor) -> None:
+        """Sum `t` over ranks, in place. NCCL takes only CUDA tensors: callers pass tensors on
+        the model's device (checked by a test with a recording stand-in)."""
         if self.enabled:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 

@@ -17,9 +17,8 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,6 +29,9 @@ from mt.config import Config, DataConfig, save_config
 from mt.errors import DataError
 from mt.files import remove_stale, replace_dir, temp_path
 from mt.tokenizer import Tokenizer, load_processor, train_spm
+
+if TYPE_CHECKING:  # imported by prepare() itself: training from a prepared cache needs no `datasets`
+    import datasets
 
 # Bump when the cache layout or the processing changes, so old caches are rebuilt.
 PREPARE_VERSION = 2
@@ -182,6 +184,11 @@ def prepare(cfg: Config, force: bool = False, quiet: bool = False) -> Path:
     if not force and is_up_to_date(cfg):
         say(f"{out}: up to date (fingerprint {fp}); nothing to do")
         return out
+
+    try:
+        import datasets
+    except ImportError as e:  # e.g. on a GPU machine that got a prepared cache and torch only
+        raise DataError(f"preparing data needs the `datasets` package ({e}): pip install datasets") from None
 
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -164,11 +164,12 @@ def beam_search(
     if V < 2 * K:
         raise ValueError(f"beam {K} needs a vocabulary of at least {2 * K} tokens, got {V}")
     _penalty(1, length_penalty, alpha)  # validate the kind early
-    # Large batches are searched in slices: per step the search holds a few (rows, V) float
-    # tensors, and keeping those within the CPU cache (and below the size at which malloc
-    # maps fresh, page-faulting memory) is faster than the fewer, bigger matmuls.
+    # Large batches are searched in slices on a CPU: per step the search holds a few (rows, V)
+    # float tensors, and keeping those within the CPU cache (and below the size at which malloc
+    # maps fresh, page-faulting memory) is faster than the fewer, bigger matmuls. A GPU wants
+    # the bigger ones.
     per_call = max(1, MAX_SCORES_PER_STEP // (K * V))
-    if src.size(0) > per_call:
+    if src.device.type == "cpu" and src.size(0) > per_call:
         kw = dict(beam=beam, nbest=nbest, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
         kw.update(length_penalty=length_penalty, alpha=alpha)
         slices = (src[i : i + per_call] for i in range(0, src.size(0), per_call))

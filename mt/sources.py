@@ -15,12 +15,13 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
-
-import datasets
+from typing import IO, TYPE_CHECKING
 
 from mt.config import DataConfig
 from mt.errors import DataError
+
+if TYPE_CHECKING:  # imported where data is loaded: training from a prepared cache needs no `datasets`
+    import datasets
 
 
 @dataclass
@@ -39,6 +40,13 @@ def use_local(cfg: DataConfig) -> bool:
     if cfg.hub is None:
         raise DataError(f"data.local_dir: directory not found: {cfg.local_dir} (and no data.hub is set)")
     return False
+
+
+def inputs_reachable(cfg: DataConfig) -> bool:
+    """Whether the corpus can be read now: its local directory exists, or the hub is not offline."""
+    if cfg.local_dir and Path(cfg.local_dir).expanduser().is_dir():
+        return True
+    return cfg.hub is not None and not os.environ.get("HF_HUB_OFFLINE")
 
 
 def split_names(cfg: DataConfig) -> list[str]:
@@ -110,6 +118,8 @@ def file_fingerprint(path: Path) -> str:
 
 def load_local(pair: LocalPair, cache_dir: Path, limit: int = 0) -> datasets.Dataset:
     """A local split as a Dataset(src, tgt), written to Arrow files under cache_dir."""
+    import datasets
+
     if check_pair(pair) == 0:
         raise DataError(f"split '{pair.split}' is empty: {pair.src} and {pair.tgt} have no lines")
     features = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
@@ -134,6 +144,8 @@ def _to_pairs(batch: dict[str, list], src_lang: str, tgt_lang: str) -> dict[str,
 
 def load_hub(cfg: DataConfig, split: str, cache_dir: Path) -> datasets.Dataset:
     """A hub split (or a local directory in the hub's layout) as a Dataset(src, tgt)."""
+    import datasets
+
     assert cfg.hub is not None
     hub_split = cfg.hub_splits[split]
     try:

@@ -47,8 +47,9 @@ from mt.evaluate import score
 from mt.files import remove_stale
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
-from mt.prepare import is_up_to_date, prepare
+from mt.prepare import is_up_to_date, prepare, read_meta
 from mt.schedule import lr_at, set_lr
+from mt.sources import inputs_reachable
 from mt.translator import translate_ids
 
 MAX_NONFINITE_IN_ROW = 5
@@ -148,13 +149,23 @@ class Trainer:
         self.early_stop = False
 
     def _build_data(self) -> Prepared:
-        """The prepared cache; rank 0 prepares it first when it is missing or out of date."""
-        if self.dist.is_main and not is_up_to_date(self.cfg):
-            name = self.cfg.name
-            print(f"mt train: data for '{name}' is not prepared (or out of date); preparing it first")
-            prepare(self.cfg)
+        """The prepared cache; rank 0 prepares it first when it is missing or out of date.
+
+        A cache whose corpus is out of reach (copied to a machine without the raw files, the
+        hub offline) is used as it is: it cannot be checked, nor prepared again.
+        """
+        cfg, directory = self.cfg, self.cfg.prepared_dir
+        if self.dist.is_main:
+            if read_meta(directory) is not None and not inputs_reachable(cfg.data):
+                print(
+                    f"mt train: the corpus of '{cfg.name}' is out of reach (data.local_dir not found, "
+                    f"hub offline); training on the prepared cache {directory} as it is"
+                )
+            elif not is_up_to_date(cfg):
+                print(f"mt train: data for '{cfg.name}' is not prepared (or out of date); preparing it first")
+                prepare(cfg)
         self.dist.barrier()
-        return load_prepared(self.cfg.prepared_dir)
+        return load_prepared(directory)
 
     def _build_model(self) -> Transformer:
         seed = self.cfg.train.seed
@@ -201,9 +212,10 @@ class Trainer:
             )
         self.raw_model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
-        self.scaler.load_state_dict(ck["scaler"])
+        if ck["scaler"]:  # empty when written without fp16 (bf16, CPU): the scaler starts afresh
+            self.scaler.load_state_dict(ck["scaler"])
         self.state = TrainState(**ck["state"])
-        set_rng_state(ck["rng_ranks"][self.dist.rank])
+        set_rng_state(ck["rng_ranks"][self.dist.rank], self.device)
         if self.dist.is_main:
             s = self.state
             print(f"mt train: resuming from {self.last_path} at step {s.step}, epoch {s.epoch}")
@@ -271,7 +283,7 @@ class Trainer:
         previous one and redoes this save, so no best or step checkpoint is ever lost.
         """
         self.state.elapsed = self._elapsed()
-        rngs = self.dist.gather(rng_state())
+        rngs = self.dist.gather(rng_state(self.device))
         if self.dist.is_main:
             state = self._checkpoint_state(metrics, rngs)
             if best:
@@ -294,10 +306,12 @@ class Trainer:
         """One optimizer step over `batches` (this rank's share of the update)."""
         t = self.cfg.train
         self.model.train()
-        n_tokens = torch.tensor(float(sum(b.n_tgt_tokens for b in batches)))
+        # Every tensor a collective gets is on the model's device (NCCL takes no CPU tensors).
+        n_tokens = torch.tensor(float(sum(b.n_tgt_tokens for b in batches)), device=self.device)
         self.dist.all_reduce_sum(n_tokens)  # the update's tokens over all ranks
-        # DDP averages gradients over ranks; scaling by world_size makes that a sum.
-        norm = float(n_tokens) / self.dist.world_size
+        # DDP averages gradients over ranks; scaling by world_size makes that a sum. A tensor,
+        # not a float: reading it would make the CPU wait for the GPU before the first batch.
+        norm = n_tokens / self.dist.world_size
         loss_total = torch.zeros((), device=self.device)
         nll_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
@@ -317,20 +331,21 @@ class Trainer:
         )
         stats = torch.stack([loss_total, nll_total]).float()
         self.dist.all_reduce_sum(stats)
-        loss_tok, nll_tok = (stats / n_tokens.to(stats.device)).tolist()
-        finite = math.isfinite(loss_tok) and bool(torch.isfinite(grad_norm))
-        if finite or self.scaler.is_enabled():
-            # With fp16 the scaler itself skips steps with overflowing gradients.
+        # One host sync per update, here, for everything the loop needs to know.
+        values = torch.cat([stats / n_tokens, grad_norm.float()[None], n_tokens[None]])
+        loss_tok, nll_tok, gnorm, tokens = values.tolist()
+        if self.scaler.is_enabled():
+            # fp16: the scaler skips a step whose gradients overflow and lowers its scale; that
+            # is how it finds its scale (the first steps at 2**16 often overflow), not divergence.
+            finite = math.isfinite(loss_tok)
             self.scaler.step(self.optimizer)
+        else:
+            finite = math.isfinite(loss_tok) and math.isfinite(gnorm)
+            if finite:
+                self.optimizer.step()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "loss": loss_tok,
-            "nll": nll_tok,
-            "grad_norm": float(grad_norm),
-            "finite": finite,
-            "tokens": float(n_tokens),
-        }
+        return {"loss": loss_tok, "nll": nll_tok, "grad_norm": gnorm, "finite": finite, "tokens": tokens}
 
     # ------------------------------------------------------------------ validation
 

@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU check (under 8 minutes on an H200): the GPU test subset, then training
-# throughput / MFU at the iwslt2017_de_en model size and beam-5 decoding speed.
-#   scripts/gpu_check.sh          # on a GPU machine
-#   scripts/gpu_check.sh --cpu    # smoke run of the same script on a CPU
-set -euo pipefail
+# The one-shot GPU check (scripts/gpu_check.py says what it measures). On the lent GPU machine:
+#   scripts/gpu_check.sh            # asserts a GPU; everything is also logged to $OUT/gpu_check.log
+#   scripts/gpu_check.sh --cpu      # the same sequence on this CPU, small sizes
+# No `set -e`: each part runs even when one before it failed; the exit status says whether all passed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+# The GPU machine has torch but not this package: import it from the working tree.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-if [ "${1:-}" = "--cpu" ]; then
-    "$PY" -m pytest -q tests/test_gpu.py
-    "$PY" scripts/gpu_check.py --cpu
-else
-    "$PY" -m pytest -q tests/test_gpu.py tests/test_model.py tests/test_search.py
-    "$PY" scripts/gpu_check.py --compile
-fi
+"$PY" scripts/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"

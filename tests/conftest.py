@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from helpers import build_checkpoint, make_corpus, one_thread, subprocess_env
-from helpers import corpus_config as corpus_config  # still imported from here by test_distributed.py
 
 # The hub is unreachable here; fail fast instead of retrying for 20 s.
 os.environ["HF_HUB_OFFLINE"] = "1"

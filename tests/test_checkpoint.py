@@ -269,3 +269,19 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, corpus, pre
     assert "not a plain-data PyTorch file" in error_line(capsys.readouterr().err, "train")
     assert not marker.exists(), "unpickling ran code"
     assert not (tmp_path / "avg.pt").exists()
+
+
+def test_rng_state_of_a_cpu_run_leaves_cuda_alone(monkeypatch):
+    """A CPU run on a machine with GPUs neither initialises CUDA nor saves the GPUs' states;
+    a GPU rank saves only its own device's."""
+
+    def untouchable(*args, **kwargs):
+        raise AssertionError("CUDA was touched by a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", untouchable)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", untouchable)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", untouchable)
+    state = rng_state(torch.device("cpu"))
+    assert "cuda" not in state
+    set_rng_state({**state, "cuda": [torch.zeros(8, dtype=torch.uint8)]}, torch.device("cpu"))

@@ -1,18 +1,22 @@
-"""Two CPU processes through torchrun (gloo): the same training as one process."""
+"""Several processes through torchrun (gloo on CPUs): the same training as one process; and the
+collectives as NCCL needs them, checked in one process."""
 
 import json
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import corpus_config, make_corpus
+from helpers import corpus_config, make_corpus
+from torch.nn.parallel import DistributedDataParallel
 
 from mt.checkpoint import load_checkpoint
 from mt.config import load_config
+from mt.distributed import Dist
 from mt.prepare import prepare
+from mt.trainer import Trainer, _collate
 
 pytestmark = pytest.mark.slow
 
@@ -98,21 +102,7 @@ def test_two_rank_resume_equals_uninterrupted(exp, tmp_path):
 
 
 def test_failing_rank_ends_the_job(exp, tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(
-        textwrap.dedent("""
-        import os, sys
-        import mt.trainer as T
-        real = T.Trainer.update
-        def update(self, batches):
-            if self.dist.rank == 1 and self.state.step == 1:
-                raise RuntimeError("rank 1 exploded on purpose")
-            return real(self, batches)
-        T.Trainer.update = update
-        from mt.cli import main
-        sys.exit(main(sys.argv[1:]))
-    """)
-    )
+    driver = Path(__file__).with_name("rank_failure_driver.py")
     p = _run(
         _torchrun(
             2, str(driver), "train", str(exp), *BASE, "train.max_steps=6", f"train.out_dir={tmp_path / 'run'}"
@@ -123,3 +113,53 @@ def test_failing_rank_ends_the_job(exp, tmp_path):
     )
     assert p.returncode != 0
     assert "rank 1 exploded on purpose" in p.stderr + p.stdout
+
+
+# --------------------------------------------------------------------------- in one process
+
+
+class RecordingDist(Dist):
+    """Two ranks as far as the trainer can tell; records the device of every collective's tensor."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=0, world_size=2)
+        self.devices: list[torch.device] = []
+
+    def all_reduce_sum(self, t: torch.Tensor) -> None:
+        self.devices.append(t.device)
+
+    def barrier(self) -> None:
+        pass
+
+
+def test_every_collective_gets_tensors_on_the_models_device(exp):
+    """NCCL takes only CUDA tensors: a CPU tensor in a collective fails the first multi-GPU update.
+    A model on the `meta` device stands in for a GPU, so a tensor left on the CPU shows."""
+    trainer = Trainer(load_config(exp, ["train.device=cpu"]))
+    trainer.dist = RecordingDist()
+    meta = torch.device("meta")
+    trainer.model = trainer.raw_model.to(meta)
+    trainer.device = meta
+    batches = [_collate(trainer.train_split, idx) for idx in trainer.batcher.epoch_batches(0)[:2]]
+    with pytest.raises(NotImplementedError, match="meta"):  # reading the results back: no data on meta
+        trainer.update(batches)
+    assert trainer.dist.devices == [meta, meta]  # the update's tokens, then its loss sums
+
+
+def test_no_sync_reaches_ddp_through_torch_compile(tmp_path):
+    """With accum_steps > 1 the gradient all-reduce is skipped on all but the last batch, also
+    when the DDP module is wrapped by torch.compile."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(2, 2))
+        compiled = torch.compile(ddp)
+        d = Dist(rank=0, world_size=2)
+        with d.no_sync(compiled, sync=False):
+            assert not ddp.require_backward_grad_sync
+        assert ddp.require_backward_grad_sync
+        with d.no_sync(compiled, sync=True):
+            assert ddp.require_backward_grad_sync
+    finally:
+        torch.distributed.destroy_process_group()

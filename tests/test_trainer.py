@@ -406,3 +406,43 @@ def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path, corpus, prepared_di
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert "resuming from" in proc2.stdout and "at step 6" in proc2.stdout
     assert_same_run(run, reference)
+
+
+# --------------------------------------------------------------------------- fp16 and the grad scaler
+
+
+def test_fp16_steps_the_scaler_skips_for_overflow_are_not_divergence(tmp_path, corpus):
+    """fp16 training starts at a large loss scale and backs off while gradients overflow; those
+    skipped steps are how the scaler finds its scale, so they must not stop the run as
+    non-finite losses do (five in a row)."""
+    cfg = _cfg(tmp_path, corpus, "train.max_steps=8", "train.valid_every=0", "train.valid_bleu=false")
+    trainer = trainer_mod.Trainer(cfg)
+    # What an fp16 overflow looks like to the trainer: a finite loss, gradients that are not.
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
+    overflows = {"left": 6}
+
+    def overflow(grad: torch.Tensor) -> torch.Tensor:
+        if overflows["left"] > 0:
+            overflows["left"] -= 1
+            return grad * float("inf")
+        return grad
+
+    trainer.raw_model.out_proj.weight.register_hook(overflow)
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    result = trainer.fit()  # six skipped steps in a row: more than MAX_NONFINITE_IN_ROW
+    assert result["steps"] == 8 and result["stopped"] == "budget reached"
+    assert trainer.scaler.get_scale() == 2.0**10  # it backed off once per overflow
+    after = trainer.raw_model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # then the two others trained
+    assert trainer.state.nonfinite_in_row == 0
+
+
+def test_an_fp16_run_resumes_a_checkpoint_written_without_a_scaler(tmp_path, corpus):
+    """A bf16 or CPU run saves an empty scaler state; an fp16 run resuming it starts its scaler afresh."""
+    cfg = _cfg(tmp_path, corpus, "train.max_steps=2", "train.valid_every=0", "train.valid_bleu=false")
+    train(cfg)
+    assert load_checkpoint(cfg.out_dir / "checkpoint_last.pt")["scaler"] == {}
+    resumed = trainer_mod.Trainer(_cfg(tmp_path, corpus, "train.max_steps=3", "train.valid_every=0"))
+    resumed.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert resumed._resume() and resumed.state.step == 2
+    assert resumed.scaler.get_scale() == 2.0**16
