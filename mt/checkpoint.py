@@ -14,6 +14,7 @@ scalars are not plain data (np.float64 even passes isinstance(x, float)), so
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 from collections import OrderedDict
@@ -89,19 +90,50 @@ def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
         raise CheckpointError(f"cannot save checkpoint {path}: {e}") from e
 
 
+def _refused(message: str) -> str:
+    """What torch's weights-only unpickler refused, in a few words, without its advice."""
+    name = re.search(r"GLOBAL ([\w.]+[\w])", message)
+    if name:
+        return f"it refers to {name.group(1)}"
+    opcode = re.search(r"Unsupported operand (\d+)", message)
+    if opcode:
+        return f"it uses pickle opcode {opcode.group(1)}"
+    return "it holds objects other than tensors and plain Python data"
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CheckpointError(
+        f"cannot read checkpoint {path}: truncated, corrupt, or not a plain-data PyTorch file "
+        f"({type(e).__name__}: {first_line})"
+    )
+
+
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint`; anything else raises CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        inside = [path / name for name in ("checkpoint_best.pt", "checkpoint_last.pt")]
+        found = [str(p) for p in inside if p.is_file()]
+        raise CheckpointError(
+            f"checkpoint {path} is a directory; pass a checkpoint file"
+            + (f", e.g. {found[0]}" if found else "")
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch reports bad files as RuntimeError, UnpicklingError, KeyError, ...
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e):
+            raise _unreadable(path, e) from e
+        # torch's message advises loading with weights_only=False, which runs any code the
+        # file holds: not advice to pass on for a file that is not what it should be.
         raise CheckpointError(
-            f"cannot read checkpoint {path}: truncated, corrupt, or not a plain-data PyTorch file "
-            f"({type(e).__name__}: {first_line})"
+            f"cannot read checkpoint {path}: not a plain-data PyTorch file ({_refused(str(e))}); "
+            f"mt never unpickles code, so it cannot load this file"
         ) from e
+    except Exception as e:  # torch reports bad files as RuntimeError, UnpicklingError, KeyError, ...
+        raise _unreadable(path, e) from e
     if (
         not isinstance(state, dict)
         or state.get("format") != FORMAT

@@ -1,15 +1,21 @@
 """The `mt` command: prepare, train, translate, evaluate, average.
 
 Errors a user can fix (`MTError`) are printed as one line without a traceback
-and exit with status 2; anything else is a bug and keeps its traceback.
+and exit with status 2; anything else is a bug and keeps its traceback. Ctrl-C
+exits with 130 and SIGTERM with 143, both after the same clean-up (temporary files
+removed, existing outputs left as they were).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import signal
 import sys
+import threading
 import typing
+from types import FrameType
 
 from mt.config import Precision
 from mt.errors import MTError
@@ -93,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Reads stdin and writes stdout unless --input/--output are given.",
     )
     r.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
-    r.add_argument("--input", help="input text file (default: stdin)")
-    r.add_argument("--output", help="output file, written atomically (default: stdout)")
+    r.add_argument("--input", help="input text file; - or none: stdin")
+    r.add_argument("--output", help="output file, written atomically; - or none: stdout")
     r.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's decode.beam)")
     r.add_argument("--nbest", type=int, default=1, help="print the K best, tab-separated with scores")
     r.add_argument("--max-tokens", type=int, help="source tokens per batch (default: decode.max_tokens)")
@@ -119,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     e.add_argument("--checkpoint", help="checkpoint (default: <out_dir>/checkpoint_best.pt)")
     e.add_argument("--split", default="test", help="prepared split to score (default: test)")
-    e.add_argument("--src", help="source text file")
-    e.add_argument("--ref", help="reference text file")
+    e.add_argument("--src", help="source text file; - reads stdin")
+    e.add_argument("--ref", help="reference text file; - reads stdin (not both)")
     e.add_argument("--beam", type=int, help="beam size (default: the config's decode.beam)")
     e.add_argument("--max-tokens", type=int, help="source tokens per batch")
     e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -139,13 +145,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread. A KeyboardInterrupt, so that whatever cleans up after
+    Ctrl-C (`finally` blocks, `with` exits: temporary files) does so after `kill` too, where
+    the default action would end the process on the spot."""
+
+
+def _raise_terminated(owner: int, signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != owner:  # a forked worker (`datasets`) inherited the handler: die as by default
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A plain handler, which the trainer's own (during fit) replaces and then restores.
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal's rule
+    handler = functools.partial(_raise_terminated, os.getpid())
+    previous = signal.signal(signal.SIGTERM, handler) if in_main_thread else None
     try:
         status = args.func(args)
     except MTError as e:
         print(f"mt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"mt {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"mt {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -153,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (e.g. `| head`); silence the flush at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        if in_main_thread:  # None: a handler not set from Python; the default is the closest
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return status if isinstance(status, int) else 0
 
 

@@ -7,9 +7,13 @@ lines in a file are N lines here whatever they contain.
 Writing. `AtomicFile` writes `<name>.tmp-<pid>` next to the target (os.replace is
 atomic only within one file system), fsyncs it and renames it over the target, then
 fsyncs the directory so the rename itself survives a crash: readers see the old file
-or the complete new one, never half of one. `replace_dir` does the same for a whole
-directory. Temporary names end in `-<pid>`, so `remove_stale` can clear away those
-of processes that were killed, and only those.
+or the complete new one, never half of one. That is for regular files, also one reached
+through a symlink (the target is replaced; the link stays). Anything else that exists
+(a FIFO, a terminal, /dev/null, /dev/stdout) is written in place. `replace_dir` does
+the same for a whole directory. Temporary names end in `-<pid>`, so `remove_stale` can
+clear away those of processes that were killed, and only those.
+
+`-` as a path is standard input to `read_lines`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
+import sys
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -53,8 +59,21 @@ def decode_lines(data: bytes, where: str, errors: str = "strict", hint: str = ""
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
+STDIO = "-"  # as a path: standard input (read_lines) or output (the commands' --output)
+
+
+def read_stdin() -> bytes:
+    """All of standard input; a closed one (`<&-`) raises DataError."""
+    if sys.stdin is None:  # Python's stand-in for a descriptor 0 that was closed at start-up
+        raise DataError("no standard input (it is closed): name an input file instead")
+    return sys.stdin.buffer.read()
+
+
 def read_lines(path: str | Path, errors: str = "strict", hint: str = "") -> list[str]:
-    """The lines of a UTF-8 text file (see `decode_lines`); unreadable files raise DataError."""
+    """The lines of a UTF-8 text file (see `decode_lines`), or of standard input for `-`;
+    unreadable files raise DataError."""
+    if str(path) == STDIO:
+        return decode_lines(read_stdin(), "stdin", errors, hint)
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -107,6 +126,23 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _via_proc(path: Path) -> bool:
+    """Whether `path` leads through /proc, as /dev/stdout, /dev/fd/N and /proc/self/fd/N do:
+    links to a file this process has open (a redirected stdout, say), which must be written
+    there and then, not replaced by a new file of the name the link gives."""
+    p = Path(os.path.realpath(path.parent)) / path.name
+    for _ in range(40):  # the kernel's own limit on the links it follows
+        if p.parts[1:2] == ("proc",):
+            return True
+        try:
+            link = os.readlink(p)
+        except OSError:  # not a link (or not there): the end of the chain
+            return False
+        q = Path(os.path.normpath(p.parent / link))
+        p = Path(os.path.realpath(q.parent)) / q.name
+    return False
+
+
 class AtomicFile:
     """A file that appears at `path` complete or not at all.
 
@@ -115,6 +151,14 @@ class AtomicFile:
     over `path`. Leaving the `with` block without a commit (an error, Ctrl-C) removes
     the temporary file and leaves an existing `path` untouched. I/O failures raise
     `error` (an MTError class): "cannot <action> <path>: <reason>".
+
+    Through a symlink, the link's target is what is replaced (the temporary file goes in
+    the target's directory), and the link stays a link. A path that exists and is not a
+    regular file (a FIFO, a character device, a socket) or leads through /proc is opened
+    and written in place (`direct`): renaming a file over it would replace the device
+    or the pipe, whose reader would wait forever. It is opened for appending, which for
+    a pipe or a device is plain writing, and which keeps what a redirected stdout
+    (`>> log`, or a header written before) already holds.
     """
 
     def __init__(
@@ -123,10 +167,18 @@ class AtomicFile:
         self.path, self.action, self.error = Path(path), action, error
         if self.path.is_dir():
             raise error(f"cannot {action} {self.path}: it is a directory")
-        self.tmp = temp_path(self.path)
+        try:
+            mode = self.path.stat().st_mode  # of the link's target, for a link
+        except FileNotFoundError:  # a new file (also a dangling link's target), or no directory
+            mode = stat.S_IFREG
+        except OSError as e:  # e.g. a loop of links
+            raise self._failed(e) from None
+        self.direct = not stat.S_ISREG(mode) or _via_proc(self.path)
+        self.target = self.path if self.direct else Path(os.path.realpath(self.path))
+        self.tmp = self.path if self.direct else temp_path(self.target)
         self._open = False
         try:
-            self.file: BinaryIO = open(self.tmp, "wb")  # closed by commit or discard
+            self.file: BinaryIO = open(self.tmp, "ab" if self.direct else "wb")  # closed by commit or discard
         except OSError as e:
             raise self._failed(e) from None
         self._open = True
@@ -142,19 +194,23 @@ class AtomicFile:
                 if data is not None:
                     f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
-            os.replace(self.tmp, self.path)
+                if stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # pipes and devices refuse fsync
+                    os.fsync(f.fileno())
+            if not self.direct:
+                os.replace(self.tmp, self.target)
             self._open = False
         except OSError as e:
             self.discard()
             raise self._failed(e) from e
-        _fsync_dir(self.path.parent)
+        if not self.direct:
+            _fsync_dir(self.target.parent)
 
     def discard(self) -> None:
         self._open = False
         self.file.close()
-        with contextlib.suppress(OSError):
-            self.tmp.unlink(missing_ok=True)
+        if not self.direct:  # a path written in place is the user's: it stays
+            with contextlib.suppress(OSError):
+                self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> AtomicFile:
         return self

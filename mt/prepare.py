@@ -11,9 +11,14 @@ leaves the previous cache or none, never half of one.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
+import os
 import shutil
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +101,43 @@ def _encode(
         else:
             reason.append(0)
     return {"src_ids": src, "tgt_ids": tgt, "reason": reason}
+
+
+# --------------------------------------------------------------------------- worker processes
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: _Parent) -> None:
+    """In a process just forked from `parent`: have Linux SIGKILL it when `parent` ends, however
+    it ends. Otherwise the pool of a SIGKILLed `mt prepare` (its workers and its manager process)
+    waits forever for work. Linux sends the signal when the *thread* that forked ends: the pools
+    of datasets.map are made by the thread that calls it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent.pid:  # it died before the prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Parent:
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+
+@contextlib.contextmanager
+def _workers_die_with_this_process() -> Iterator[None]:
+    """Within the block, each process forked by `multiprocess` (what datasets.map uses for
+    num_proc > 1) runs `_die_with_parent` first thing; Linux only (prctl)."""
+    if sys.platform != "linux":
+        yield
+        return
+    import multiprocess.util
+
+    parent = _Parent()
+    multiprocess.util.register_after_fork(parent, _die_with_parent)
+    yield
+    # The registry holds `parent` weakly: the hook goes when this generator does.
 
 
 # --------------------------------------------------------------------------- steps
@@ -269,21 +311,22 @@ def _prepare_into(cfg: Config, tmp: Path, scratch: Path, fp: str, say: Any, prog
     )
     for s, ds in clean.items():
         big = len(ds) >= 20_000
-        enc = ds.map(
-            _encode,
-            batched=True,
-            batch_size=2000,
-            num_proc=d.num_proc if big and d.num_proc > 1 else None,
-            remove_columns=["src", "tgt"],
-            fn_kwargs={
-                "src_proto": src_proto,
-                "tgt_proto": tgt_proto,
-                "max_len": d.max_len,
-                "max_ratio": d.max_ratio,
-            },
-            cache_file_name=str(scratch / f"{s}.enc.arrow"),
-            desc=f"encode {s}",
-        )
+        with _workers_die_with_this_process():
+            enc = ds.map(
+                _encode,
+                batched=True,
+                batch_size=2000,
+                num_proc=d.num_proc if big and d.num_proc > 1 else None,
+                remove_columns=["src", "tgt"],
+                fn_kwargs={
+                    "src_proto": src_proto,
+                    "tgt_proto": tgt_proto,
+                    "max_len": d.max_len,
+                    "max_ratio": d.max_ratio,
+                },
+                cache_file_name=str(scratch / f"{s}.enc.arrow"),
+                desc=f"encode {s}",
+            )
         if s == "train":
             counts = _count_reasons(enc)
             drops["too_long"] = int(counts[2])

@@ -8,6 +8,7 @@ protos to translate.
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Iterable
 
 import sentencepiece as spm
@@ -17,7 +18,10 @@ from mt.special import BOS, EOS, PAD, UNK
 
 
 def train_spm(sentences: Iterable[str], cfg: DataConfig) -> bytes:
-    """Train one SentencePiece model on `sentences`; returns the serialized model."""
+    """Train one SentencePiece model on `sentences`; returns the serialized model.
+
+    A corpus too small for `cfg.vocab_size` gives a smaller vocabulary, with a warning on stderr.
+    """
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
@@ -37,7 +41,15 @@ def train_spm(sentences: Iterable[str], cfg: DataConfig) -> bytes:
         num_threads=cfg.num_proc,
         minloglevel=2,
     )
-    return out.getvalue()
+    proto = out.getvalue()
+    size = load_processor(proto).get_piece_size()
+    if size < cfg.vocab_size:  # the model's embeddings follow the vocabulary, so this is no error
+        print(
+            f"mt: warning: data.vocab_size {cfg.vocab_size} is more than this corpus supports; "
+            f"using {size}",
+            file=sys.stderr,
+        )
+    return proto
 
 
 def load_processor(proto: bytes) -> spm.SentencePieceProcessor:

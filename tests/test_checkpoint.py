@@ -210,6 +210,18 @@ def test_bad_checkpoint_files_are_one_line_errors(tmp_path, capsys, checkpoint):
         assert str(path) in err, name
 
 
+def test_a_directory_as_checkpoint_is_named_as_one_with_the_file_to_pass(tmp_path, capsys, checkpoint):
+    run = tmp_path / "run"
+    run.mkdir()
+    rc, err = _translate_checkpoint(tmp_path, run, capsys)
+    assert rc == 2
+    assert err == f"mt translate: error: checkpoint {run} is a directory; pass a checkpoint file\n"
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt"):  # the best is the one to translate with
+        (run / name).write_bytes(checkpoint.read_bytes())
+        rc, err = _translate_checkpoint(tmp_path, run, capsys)
+        assert rc == 2 and err.endswith(f"is a directory; pass a checkpoint file, e.g. {run / name}\n"), err
+
+
 def test_checkpoint_whose_config_is_not_a_mapping(tmp_path, capsys, checkpoint):
     ck = load_checkpoint(checkpoint)
     ck["config"] = ["not", "a", "mapping"]
@@ -256,6 +268,8 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, corpus, pre
             load_checkpoint(path)
         rc, err = _translate_checkpoint(tmp_path, path, capsys)
         assert rc == 2 and err.count("\n") == 1, err
+        # torch's advice, to load with weights_only=False, would run the file's code: not passed on.
+        assert "never unpickles code" in err and "weights_only" not in err, err
         assert main(["average", "--output", str(tmp_path / "avg.pt"), str(path), str(path)]) == 2
         assert "not a plain-data PyTorch file" in capsys.readouterr().err
 

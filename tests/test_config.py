@@ -93,6 +93,30 @@ def test_missing_and_invalid_files(tmp_path):
         load_config(listy)
 
 
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("data:\n  local_dir: x\ntrain:\n  lr: 0.1\n  warmup_steps: 3\n  lr: 0.2\n",
+         "line 6, column 3: duplicate key 'lr' (first given on line 4)"),
+        ("train:\n  lr: 0.1\ndata: {local_dir: x}\ntrain:\n  max_steps: 3\n",
+         "line 4, column 1: duplicate key 'train' (first given on line 1)"),
+        ("data: {local_dir: x, local_dir: y}\n", "line 1, column 22: duplicate key 'local_dir'"),
+    ],
+    ids=["key of a section", "section", "in a flow mapping"],
+)
+def test_a_key_given_twice_is_an_error_naming_file_line_and_key(tmp_path, text, where):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: ") and where in str(e.value)
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    p = write(tmp_path, "data:\n  local_dir: x\n  <<: {max_len: 50}\ntrain: {<<: {lr: 0.1}, lr: 0.2}\n")
+    cfg = load_config(p)
+    assert cfg.data.max_len == 50 and cfg.train.lr == 0.2
+
+
 def test_saved_config_reloads_identically(tmp_path):
     p = write(tmp_path, "data:\n  local_dir: x\n")
     cfg = load_config(p, ["train.lr=7e-4", "model.activation=gelu"])
@@ -107,6 +131,8 @@ def test_parse_override_reads_yaml_scalars():
     assert parse_override("train.betas=[0.9, 0.99]") == ("train", "betas", [0.9, 0.99])
     assert parse_override("data.hub=null") == ("data", "hub", None)
     assert parse_override("data.src_lang=de") == ("data", "src_lang", "de")
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        parse_override("data.local_splits={a: b, a: c}")
 
 
 # --------------------------------------------------------------------------- via the CLI

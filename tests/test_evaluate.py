@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,31 @@ def test_arguments_are_checked(tmp_path, capsys, checkpoint):
     assert "give an experiment CONFIG" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--src", "x.de"]) == 2
     assert "--src and --ref go together" in capsys.readouterr().err
+
+
+class _Stdin:
+    def __init__(self, data: bytes) -> None:
+        self.buffer = io.BytesIO(data)
+
+
+@pytest.mark.parametrize("piped", ["--src", "--ref"])
+def test_dash_reads_sources_or_references_from_stdin_but_not_both(tmp_path, monkeypatch, capsys, checkpoint,
+                                                                  piped):
+    src, ref = synthetic_pairs(4, seed=3)
+    files = {"--src": _write(tmp_path / "news.de", src), "--ref": _write(tmp_path / "news.en", ref)}
+    monkeypatch.setattr(sys, "stdin", _Stdin(files[piped].read_bytes()))
+    paths = {**{option: str(path) for option, path in files.items()}, piped: "-"}
+    rc = main(["evaluate", "--checkpoint", str(checkpoint), "--beam", "2",
+               "--src", paths["--src"], "--ref", paths["--ref"]])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    name = "stdin" if piped == "--src" else "news"  # names the files written next to the checkpoint
+    result = json.loads((tmp_path / f"model.{name}.beam2.json").read_text(encoding="utf-8"))
+    hyps = Translator.from_checkpoint(checkpoint, "cpu").translate(src, beam=2)
+    assert result["sentences"] == 4 and result["bleu"] == pytest.approx(score(hyps, ref)["bleu"])
+
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--src", "-", "--ref", "-"]) == 2
+    assert "--src and --ref cannot both be standard input" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -257,6 +261,22 @@ def test_hostile_lines_in_valid_and_test_are_kept_in_order(tmp_path, capsys, gz)
     assert st["dropped"]["empty"] >= 4 and st["dropped"]["too_long"] >= 1
 
 
+@pytest.mark.parametrize("joint", [True, False])
+def test_vocab_size_beyond_the_corpus_warns_once_per_model(tmp_path, capsys, joint):
+    corpus = make_corpus(tmp_path / "corpus", n_train=100)
+    _prepare(tmp_path / "fits", corpus, "data.vocab_size=30", f"data.joint_vocab={joint}")
+    assert "warning" not in capsys.readouterr().err
+
+    _, out = _prepare(tmp_path / "big", corpus, "data.vocab_size=60000", f"data.joint_vocab={joint}")
+    meta = json.loads((out / "meta.json").read_text())
+    sizes = [meta["src_vocab_size"]] if joint else [meta["src_vocab_size"], meta["tgt_vocab_size"]]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"mt: warning: data.vocab_size 60000 is more than this corpus supports; using {n}" for n in sizes
+    ]
+    assert max(sizes) < 1000
+
+
 def test_vocabulary_too_small_for_the_alphabet_is_a_data_error(tmp_path, capsys):
     src, tgt = synthetic_pairs(100, seed=0)
     cjk = [chr(0x4E00 + 7 * i) + chr(0x4E01 + 11 * i) for i in range(100)]  # 200 distinct characters
@@ -350,6 +370,56 @@ def test_sigkill_during_prepare_leaves_old_cache_or_none(tmp_path, mt_env):
     prepare(new_cfg, quiet=True)
     assert _stale(out) == [], "stale temporary and old directories are removed"
     assert is_up_to_date(new_cfg) and len(load_prepared(out).split("valid")) == 10
+
+
+def _running(command: list[str]) -> list[int]:
+    """The processes with this command line that still run (a zombie has ended), from /proc:
+    no psutil here."""
+    found = []
+    cmdline = "".join(arg + "\0" for arg in command).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "cmdline").read_bytes() == cmdline:
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended while we looked
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="workers die with their parent through Linux's prctl")
+def test_workers_die_with_a_killed_prepare(tmp_path, mt_env):
+    corpus = make_corpus(tmp_path / "corpus", n_train=20_000)  # prepare uses num_proc from 20,000 pairs
+    # The config's path is unique to this test, and forked workers keep their parent's command line.
+    argv = [sys.executable, "-m", "mt", "prepare", str(corpus_config(tmp_path, corpus)), "data.num_proc=2"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=mt_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    children = Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children"  # its main thread's
+    try:
+        # datasets.map(num_proc=2) forks two workers, then a manager process for their results;
+        # from then on they wait for each other (they share pipes) if their parent is killed.
+        forked: list[str] = []
+        deadline = time.monotonic() + 120
+        while len(forked) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+            forked = children.read_text().split()  # cheap, and the map lasts a moment only
+        assert len(forked) >= 3, f"no workers seen (prepare's exit status: {proc.poll()})"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while _running(argv) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(argv), "workers outlived their parent"
+    finally:  # a failed run must not leave processes behind either
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _running(argv):
+            os.kill(pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- the hub path

@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import KILLED, REPO, build_checkpoint, one_thread, run_mt, synthetic_pairs
+from helpers import KILLED, REPO, build_checkpoint, error_line, one_thread, run_mt, synthetic_pairs
 
 from mt.cli import main
 from mt.config import DecodeConfig
@@ -238,6 +239,29 @@ def test_failed_translate_keeps_existing_output(tmp_path, monkeypatch, capsys, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]  # no temp file left
 
 
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, mt_env, checkpoint):
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(s + "\n" for s in SRC * 50), encoding="utf-8")
+    out = tmp_path / "out.txt"
+    out.write_bytes(b"precious\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mt", "translate", "--checkpoint", str(checkpoint), "--input", str(inp),
+         "--output", str(out), "--device", "cpu"],
+        cwd=tmp_path, env=mt_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    tmp = tmp_path / f"out.txt.tmp-{proc.pid}"
+    deadline = time.monotonic() + 60
+    while not tmp.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tmp.exists(), "the output's temporary file never appeared"
+    proc.send_signal(signal.SIGTERM)  # while it loads the model or translates: the file is open
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.rstrip("\n").endswith("mt translate: terminated") and "Traceback" not in err, err
+    assert out.read_bytes() == b"precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
+
+
 @pytest.mark.slow
 def test_sigkill_during_translate_keeps_output_whole(tmp_path, mt_env, checkpoint, capsys):
     src = SRC[:6]
@@ -322,6 +346,28 @@ def test_subprocess_reads_stdin_and_writes_stdout(checkpoint, translator):
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode("utf-8").split("\n")[:-1] == translator.translate(lines, beam=2)
+
+
+def test_dash_is_standard_input_and_output(tmp_path, monkeypatch, capsys, checkpoint, translator):
+    monkeypatch.chdir(tmp_path)  # a file named "-" would appear here
+    monkeypatch.setattr(sys, "stdin", _Stdin(f"{SRC[0]}\n{SRC[1]}\n".encode(), tty=False))
+    rc, out, err = run_cli(capsys, checkpoint, "--input", "-", "--output", "-", "--beam", "2")
+    assert rc == 0, err
+    assert out.split("\n")[:-1] == translator.translate(SRC[:2], beam=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _close_stdin() -> None:
+    os.close(0)
+
+
+def test_closed_stdin_is_a_one_line_error(checkpoint):
+    proc = subprocess.run(  # `mt translate --checkpoint CK <&-`
+        [sys.executable, "-m", "mt", "translate", "--checkpoint", str(checkpoint)],
+        preexec_fn=_close_stdin, capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "no standard input" in error_line(proc.stderr, "translate")
 
 
 def test_precision_option(tmp_path, capsys, checkpoint, translator):

@@ -12,7 +12,7 @@ from typing import Any
 from mt.commands.translate import check_options
 from mt.errors import CheckpointError, DataError, MTError
 from mt.evaluate import evaluate_checkpoint, report
-from mt.files import read_lines
+from mt.files import STDIO, read_lines
 
 
 def _prepared_split(config: str, cfg: Any, split: str) -> tuple[list[str], list[str]]:
@@ -46,6 +46,8 @@ def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
         raise MTError("give an experiment CONFIG, or --checkpoint CK with --src FILE and --ref FILE")
     if args.config is None and args.checkpoint is None:
         raise MTError("--src/--ref need --checkpoint CK (or a CONFIG, to take its best checkpoint)")
+    if args.src == STDIO and args.ref == STDIO:
+        raise MTError("--src and --ref cannot both be standard input (-): name a file for one of them")
 
     check_options(args.beam, args.max_tokens)
     cfg = load_config(args.config, args.overrides) if args.config is not None else None
@@ -67,7 +69,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
                 f"--src {args.src} has {len(src)} lines but --ref {args.ref} has {len(ref)}; "
                 f"they must be line-aligned"
             )
-        name = Path(args.src).stem
+        name = "stdin" if args.src == STDIO else Path(args.src).stem
     else:
         assert cfg is not None
         src, ref = _prepared_split(args.config, cfg, args.split)

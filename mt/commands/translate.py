@@ -18,9 +18,11 @@ an undecodable byte stops the run with an error naming the file and line; with
 --errors replace it becomes U+FFFD and translation goes on.
 
 --output is written to a temporary file next to it that replaces it only when
-complete: a failed or interrupted run leaves an existing file as it was. When
-stdin is a terminal and there is no --input, each typed line is translated as
-soon as Enter is pressed (an interactive session, until Ctrl-D).
+complete: a failed or interrupted run leaves an existing file as it was (a FIFO or a
+device is written in place: see mt.files.AtomicFile). `-` names standard input for
+--input and standard output for --output, as leaving them out does. When stdin is a
+terminal and there is no --input, each typed line is translated as soon as Enter is
+pressed (an interactive session, until Ctrl-D).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from mt.errors import MTError
-from mt.files import AtomicFile, decode_lines, read_lines
+from mt.files import STDIO, AtomicFile, decode_lines, read_lines, read_stdin
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded: errors in options come fast
     from mt.translator import Translator
@@ -92,19 +94,23 @@ def translate_cli(args: argparse.Namespace) -> None:
     """`mt translate`: see the module docstring."""
     check_options(args.beam, args.max_tokens, args.nbest)  # before any (slow) import of torch
     hint = "; fix the input or pass --errors replace"
+    source = None if args.input == STDIO else args.input
+    dest = None if args.output == STDIO else args.output
+    if source is None and sys.stdin is None:  # `mt translate <&-`
+        raise MTError("no standard input (it is closed): pass --input FILE")
     # A person typing at a terminal gets each line translated at once; with --output they
     # get the file they asked for, from what they type until Ctrl-D.
-    interactive = args.input is None and args.output is None and sys.stdin.isatty()
+    interactive = source is None and dest is None and sys.stdin.isatty()
     lines: list[str] = []
-    if args.input is not None:
-        lines = read_lines(args.input, args.errors, hint)
+    if source is not None:
+        lines = read_lines(source, args.errors, hint)
     elif not interactive:
         if sys.stdin.isatty():
             print("mt translate: reading stdin until Ctrl-D", file=sys.stderr)
-        lines = decode_lines(sys.stdin.buffer.read(), "stdin", args.errors, hint)
+        lines = decode_lines(read_stdin(), "stdin", args.errors, hint)
 
     # Opened before the model is loaded, so a bad output path fails in a second, not after the work.
-    with AtomicFile(args.output) if args.output else contextlib.nullcontext() as out:
+    with AtomicFile(dest) if dest else contextlib.nullcontext() as out:
         from mt.device import pick_device
         from mt.translator import Translator, translate_lines
 
