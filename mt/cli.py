@@ -42,7 +42,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     result = train(load_config(args.config, args.overrides))
     # Ctrl-C saved a checkpoint and stopped cleanly; still report the interruption, as shells do.
-    return 130 if result["stopped"] == "interrupted" else 0
+    return 128 + result["signal"] if result["stopped"] == "interrupted" else 0
 
 
 def _cmd_translate(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from mt.errors import ConfigError
+from mt.files import AtomicFile
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -398,8 +399,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config, so a run can be reproduced from what it wrote."""
-    Path(path).write_text(
-        f"# resolved config of '{cfg.name}'\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False),
-        encoding="utf-8",
-    )
+    """Write the resolved config, so a run can be reproduced from what it wrote; a failed write
+    (a full disk) is an MTError naming the file."""
+    text = f"# resolved config of '{cfg.name}'\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    with AtomicFile(path, "write config") as out:
+        out.commit(text.encode("utf-8"))

@@ -19,6 +19,7 @@ clear away those of processes that were killed, and only those.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import stat
@@ -240,3 +241,67 @@ def replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     _fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- one user per directory
+
+
+class DirectoryLock:
+    """An exclusive lock on a directory for one `mt` run, which dies with its holder.
+
+    `flock` on `lock` (default `<directory>/.lock`; beside the directory for one that is
+    replaced whole): the kernel releases it when the process ends, however it ends (SIGKILL
+    included), so a killed run never leaves a stale lock. The holder writes its PID and
+    command into the file, so a second run can say who holds it. `what` names the
+    directory's role in the error (e.g. "train.out_dir").
+    """
+
+    def __init__(self, directory: Path, what: str, lock: Path | None = None) -> None:
+        self.directory, self.what = Path(directory), what
+        self.lock = lock or self.directory / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        path = self.lock
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise MTError(f"{self.what}: cannot write to {self.directory}: {e.strerror or e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise MTError(
+                    f"{self.what}: {self.directory} is in use by {holder}; wait for it to finish, "
+                    f"or use another directory"
+                ) from None
+            # The holder before us removes the file as it lets go: if it did so between our open
+            # and our lock, we hold a lock on a file nobody else will look at. Try again.
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} ({' '.join(['mt', *sys.argv[1:]])[:300]})\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of the lock (closing the descriptor does)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                self.lock.unlink()
+            os.close(fd)
+
+    def __enter__(self) -> DirectoryLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()

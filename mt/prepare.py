@@ -32,7 +32,7 @@ from tqdm import tqdm
 from mt import sources
 from mt.config import Config, DataConfig, save_config
 from mt.errors import DataError
-from mt.files import remove_stale, replace_dir, temp_path
+from mt.files import DirectoryLock, remove_stale, replace_dir, temp_path
 from mt.tokenizer import Tokenizer, load_processor, train_spm
 
 if TYPE_CHECKING:  # imported by prepare() itself: training from a prepared cache needs no `datasets`
@@ -220,6 +220,21 @@ def _count_reasons(ds: datasets.Dataset) -> np.ndarray:
 def prepare(cfg: Config, force: bool = False, quiet: bool = False) -> Path:
     """Prepare the corpus of `cfg` unless the cache is already up to date; returns its path."""
     out = cfg.prepared_dir
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"data.prepared_dir: cannot create {out.parent}: {e.strerror or e}") from None
+    with cache_lock(out):
+        return _prepare_locked(cfg, out, force, quiet)
+
+
+def cache_lock(out: Path) -> DirectoryLock:
+    """One `mt prepare` per cache at a time. The lock sits beside the cache, which is replaced
+    whole, and is not named like its temporary and old copies (`.<name>.<tag>-<pid>`)."""
+    return DirectoryLock(out, "data.prepared_dir", lock=out.parent / f".{out.name}-lock")
+
+
+def _prepare_locked(cfg: Config, out: Path, force: bool, quiet: bool) -> Path:
     say = (lambda *a: None) if quiet else print
     d = cfg.data
     fp = fingerprint(d)
@@ -233,7 +248,6 @@ def prepare(cfg: Config, force: bool = False, quiet: bool = False) -> Path:
         raise DataError(f"preparing data needs the `datasets` package ({e}): pip install datasets") from None
 
     t0 = time.time()
-    out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out.parent, f".{out.name}.*-*")  # temporary and old caches of killed runs
     tmp = temp_path(out, hidden=True)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -248,6 +262,11 @@ def prepare(cfg: Config, force: bool = False, quiet: bool = False) -> Path:
         meta["seconds"] = round(time.time() - t0, 2)
         (tmp / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         replace_dir(tmp, out)
+    except OSError as e:  # a full disk, in `datasets` or in our own writes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(
+            f"cannot write {e.filename or tmp}: {e.strerror or e}; the prepared cache {out} is as it was"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

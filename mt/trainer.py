@@ -44,7 +44,7 @@ from mt.device import decode_precision, pick_device, train_autocast_dtype
 from mt.distributed import Dist
 from mt.errors import CheckpointError, MTError
 from mt.evaluate import score
-from mt.files import remove_stale
+from mt.files import DirectoryLock, remove_stale, write_atomic
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
 from mt.prepare import is_up_to_date, prepare, read_meta
@@ -53,6 +53,21 @@ from mt.sources import inputs_reachable
 from mt.translator import translate_ids
 
 MAX_NONFINITE_IN_ROW = 5
+# The data settings that decide what a checkpoint's token ids mean: a run may not resume with
+# others (mt.config.DataConfig documents each).
+DATA_KEYS_OF_IDS = {
+    f"data.{k}"
+    for k in (
+        "src_lang", "tgt_lang", "local_dir", "local_splits", "hub", "hub_config", "hub_splits",
+        "max_train_pairs", "spm_type", "joint_vocab", "vocab_size", "character_coverage",
+        "spm_max_sentences",
+    )
+}
+
+
+def flatten(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
+    return {f"{s}.{k}": v for s, values in sections.items() for k, v in values.items()}
 
 
 @dataclass
@@ -97,20 +112,27 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         if not enabled:
             return
-        if resume_step is None:
-            path.write_text("", encoding="utf-8")
-        elif path.exists():
+        kept = []
+        if resume_step is not None and path.exists():
             kept = [
                 line
                 for line in path.read_text(encoding="utf-8").splitlines()
                 if (step := _step_of(line)) is not None and step <= resume_step
             ]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        write_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, **record: Any) -> None:
+        """Append one record; a failed write (a full disk) is an MTError naming the file, and
+        the last checkpoint stays as it was (a torn line is dropped on resume)."""
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise MTError(
+                    f"cannot write {self.path}: {e.strerror or e}; the last checkpoint is intact, "
+                    f"resume with the same command once there is room"
+                ) from None
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -132,21 +154,90 @@ class Trainer:
         self.last_path = self.out / "checkpoint_last.pt"
         self.best_path = self.out / "checkpoint_best.pt"
 
-        self.data = self._build_data()
-        self.train_split = self.data.split("train")
-        self.valid_split = self.data.split("valid") if "valid" in self.data.meta["splits"] else None
-        self.raw_model = self._build_model()  # seeds the RNGs: weights depend on train.seed only
-        self.optimizer = self._build_optimizer()
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.state = TrainState()
-        resumed = self._resume()  # weights, optimizer, scaler, counters and RNG of checkpoint_last
-        self._make_out_dir()
-        self.model = self._wrap(self.raw_model)  # what the updates call: DDP and/or compiled
-        self.batcher = self._build_batcher()
-        resume_step = self.state.step if resumed else None
-        self.log = MetricsLog(self.out / "metrics.jsonl", resume_step, self.dist.is_main)
-        self.stop_requested = False
+        self.lock = self._claim_out_dir()  # one run per directory, from here until close()
+        try:
+            last = self._read_last_checkpoint()
+            if last is not None:  # before preparing: a changed vocabulary must not rebuild the cache
+                self._check_resumable(last)
+            self.data = self._build_data()
+            self.train_split = self.data.split("train")
+            self.valid_split = self.data.split("valid") if "valid" in self.data.meta["splits"] else None
+            self.raw_model = self._build_model()  # seeds the RNGs: weights depend on train.seed only
+            self.optimizer = self._build_optimizer()
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+            self.state = TrainState()
+            if last is not None:
+                self._resume(last)  # weights, optimizer, scaler, counters and RNG
+            del last
+            self._write_config()
+            self.model = self._wrap(self.raw_model)  # what the updates call: DDP and/or compiled
+            self.batcher = self._build_batcher()
+            resume_step = self.state.step if self.last_path.exists() else None
+            self.log = MetricsLog(self.out / "metrics.jsonl", resume_step, self.dist.is_main)
+        except BaseException:
+            self.close()
+            raise
+        self.stop_signal: int | None = None  # SIGINT or SIGTERM, once received
         self.early_stop = False
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_signal is not None
+
+    def close(self) -> None:
+        """Let another run have the directory (the lock also dies with the process)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _claim_out_dir(self) -> DirectoryLock | None:
+        """Rank 0 locks the run directory and checks that it can write there; temporary files
+        of runs killed mid-save (never checkpoints) are cleared away."""
+        lock = None
+        if self.dist.is_main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise MTError(f"train.out_dir: cannot write to {self.out}: {e.strerror or e}") from None
+            lock = DirectoryLock(self.out, "train.out_dir")
+            lock.acquire()
+            try:
+                remove_stale(self.out, "*.pt.tmp-*")
+                probe = self.out / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                lock.release()
+                raise MTError(f"train.out_dir: cannot write to {self.out}: {e.strerror or e}") from None
+        self.dist.barrier()
+        return lock
+
+    def _read_last_checkpoint(self) -> dict[str, Any] | None:
+        return load_checkpoint(self.last_path, map_location="cpu") if self.last_path.exists() else None
+
+    def _check_resumable(self, ck: dict[str, Any]) -> None:
+        """A resumed run keeps what gives the checkpoint's weights and token ids their meaning:
+        the model, the languages, the corpus and the subword settings. Other changes (budgets,
+        validation, batch size, learning rate, ...) are allowed and named in the log."""
+        then, now = flatten(ck["config"]), flatten(to_dict(self.cfg))
+        changed = {k: (then[k], v) for k, v in now.items() if k in then and then[k] != v}
+        model = {k: c for k, c in changed.items() if k.startswith("model.")}
+        data = {k: c for k, c in changed.items() if k in DATA_KEYS_OF_IDS}
+        for fixed, what in ((model, "a different model config"), (data, "other data")):
+            if fixed:
+                shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in fixed.items())
+                raise CheckpointError(
+                    f"{self.last_path} was trained with {what} ({shown}, checkpoint -> now), which "
+                    f"changes what its weights or token ids mean; resume with the checkpoint's values, "
+                    f"or use another train.out_dir (or delete the directory) to start over"
+                )
+        if ck.get("world_size", 1) != self.dist.world_size:
+            raise CheckpointError(
+                f"{self.last_path} was written by a run on {ck['world_size']} processes; resume with the "
+                f"same number (now {self.dist.world_size}) to continue exactly"
+            )
+        if changed and self.dist.is_main:
+            shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            print(f"mt train: resuming with changed settings: {shown}")
 
     def _build_data(self) -> Prepared:
         """The prepared cache; rank 0 prepares it first when it is missing or out of date.
@@ -195,20 +286,12 @@ class Trainer:
             fused=self.device.type in ("cuda", "cpu"),
         )
 
-    def _resume(self) -> bool:
-        """Continue from checkpoint_last.pt when there is one; returns whether there was."""
-        if not self.last_path.exists():
-            return False
-        ck = load_checkpoint(self.last_path, map_location="cpu")
-        if ck["config"]["model"] != to_dict(self.cfg)["model"]:
+    def _resume(self, ck: dict[str, Any]) -> None:
+        """Continue from checkpoint_last.pt (checked by _check_resumable)."""
+        if ck["spm_src"] != self.data.tokenizer.src_proto or ck["spm_tgt"] != self.data.tokenizer.tgt_proto:
             raise CheckpointError(
-                f"{self.last_path} was trained with a different model config; use another "
-                f"train.out_dir or delete the directory to start over"
-            )
-        if ck.get("world_size", 1) != self.dist.world_size:
-            raise CheckpointError(
-                f"{self.last_path} was written by a run on {ck['world_size']} processes; resume with the "
-                f"same number (now {self.dist.world_size}) to continue exactly"
+                f"{self.last_path}: the prepared data in {self.cfg.prepared_dir} has other subword models "
+                f"than the checkpoint (prepared again since?); its token ids would mean other words"
             )
         self.raw_model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
@@ -219,20 +302,10 @@ class Trainer:
         if self.dist.is_main:
             s = self.state
             print(f"mt train: resuming from {self.last_path} at step {s.step}, epoch {s.epoch}")
-        return True
 
-    def _make_out_dir(self) -> None:
-        """Rank 0 makes sure it can write the run directory, and writes the resolved config."""
+    def _write_config(self) -> None:
+        """The resolved config, next to what it produced."""
         if self.dist.is_main:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-                # Temporary files of runs killed mid-save are never checkpoints; clear them away.
-                remove_stale(self.out, "*.pt.tmp-*")
-                probe = self.out / f".write-test-{os.getpid()}"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as e:
-                raise MTError(f"train.out_dir: cannot write to {self.out}: {e.strerror or e}") from None
             save_config(self.cfg, self.out / "config.yaml")
         self.dist.barrier()
 
@@ -279,6 +352,8 @@ class Trainer:
     def save(self, metrics: dict[str, Any] | None = None, best: bool = False) -> None:
         """Write checkpoint_last (and best / step copies) atomically; rank 0 writes.
 
+        Step copies (averaged at the end) come from validated saves only, those with
+        `metrics`: the save of an interrupted run must not change which are averaged.
         checkpoint_last is written last: a crash before it is complete resumes from the
         previous one and redoes this save, so no best or step checkpoint is ever lost.
         """
@@ -288,10 +363,11 @@ class Trainer:
             state = self._checkpoint_state(metrics, rngs)
             if best:
                 save_checkpoint(self.best_path, state)
-            if self.cfg.train.keep_last:
+            step_copy = self.cfg.train.keep_last and metrics is not None
+            if step_copy:
                 save_checkpoint(step_checkpoint_path(self.out, self.state.step), state)
             save_checkpoint(self.last_path, state)
-            if self.cfg.train.keep_last:
+            if step_copy:
                 keep_last(self.out, self.cfg.train.keep_last)
         self.dist.barrier()
 
@@ -329,11 +405,16 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.raw_model.parameters(), t.clip_norm if t.clip_norm > 0 else float("inf")
         )
-        stats = torch.stack([loss_total, nll_total]).float()
+        # A signal may reach some ranks only, or reach them at different moments: the stop is
+        # decided over all ranks with the update's sums, so that every rank stops after it.
+        stop = torch.tensor(float(self.stop_requested), device=self.device)
+        stats = torch.stack([loss_total, nll_total, stop]).float()
         self.dist.all_reduce_sum(stats)
         # One host sync per update, here, for everything the loop needs to know.
-        values = torch.cat([stats / n_tokens, grad_norm.float()[None], n_tokens[None]])
-        loss_tok, nll_tok, gnorm, tokens = values.tolist()
+        values = torch.cat([stats[:2] / n_tokens, grad_norm.float()[None], n_tokens[None], stats[2:]])
+        loss_tok, nll_tok, gnorm, tokens, stops = values.tolist()
+        if stops and not self.stop_requested:
+            self.stop_signal = signal.SIGTERM  # another rank's (torchrun forwards SIGTERM to all)
         if self.scaler.is_enabled():
             # fp16: the scaler skips a step whose gradients overflow and lowers its scale; that
             # is how it finds its scale (the first steps at 2**16 often overflow), not divergence.
@@ -467,13 +548,16 @@ class Trainer:
                 yield chunk, *((epoch + 1, 0) if pos >= len(batches) else (epoch, pos))
             epoch, pos = epoch + 1, 0
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.stop_requested:  # a second Ctrl-C: stop now
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """SIGINT (Ctrl-C) or SIGTERM (a scheduler, `docker stop`, `kill`): finish the update,
+        save, say how to resume, exit. A second signal stops at once."""
+        if self.stop_requested:
             raise KeyboardInterrupt
-        self.stop_requested = True
+        self.stop_signal = signum
         if self.dist.is_main:
             print(
-                "\nmt train: stopping after this update and saving a checkpoint (Ctrl-C again to abort)",
+                f"\nmt train: {signal.Signals(signum).name}: stopping after this update and saving a "
+                f"checkpoint (send it again to abort)",
                 file=sys.stderr,
             )
 
@@ -510,7 +594,8 @@ class Trainer:
         t, s = self.cfg.train, self.state
         self._t0, self._elapsed_before = time.time(), s.elapsed
         self._tokens_seen, self._tokens_t0 = 0.0, time.time()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.is_main else None
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
         bar = tqdm(
             total=t.max_steps or None,
             initial=s.step,
@@ -535,8 +620,8 @@ class Trainer:
             self._maybe_validate_and_save(final=True)
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         s.elapsed = self._elapsed()
         if reason == "interrupted" and self.dist.is_main:
             print(
@@ -551,6 +636,7 @@ class Trainer:
             "stopped": reason,
             "best": s.best,
             "best_step": s.best_step,
+            "signal": self.stop_signal,
         }
 
     def _check_finite(self, out: dict[str, float]) -> None:
@@ -582,8 +668,9 @@ def train(cfg: Config) -> dict[str, Any]:
 
             plot_metrics(trainer.out / "metrics.jsonl", trainer.out / "curves.png")
             result["test"] = final_test(cfg, trainer)
-            (trainer.out / "summary.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+            write_atomic(trainer.out / "summary.json", json.dumps(result, indent=2) + "\n")
     finally:
+        trainer.close()
         trainer.dist.close()
     return result
 

@@ -8,7 +8,8 @@ as `mt` calls them); "die" is SIGKILL, which no handler, `finally` or atexit see
     save@N:FILE       die with half of checkpoint FILE of step N on disk
     saved@N:FILE      die just after checkpoint FILE of step N is complete
     metrics@N         die with half of the metrics.jsonl line of step N written
-    interrupt@N       before the update after step N, wait (up to 120 s) for the caller's Ctrl-C
+    interrupt@N       before the update after step N, wait (up to 120 s) for the caller's Ctrl-C or
+                      SIGTERM; the file WAITING in the working directory says it is waiting
     prepare           die while the token arrays of the first split are written
     swap              die after the old prepared cache was moved aside, before the new one is moved in
     translate         die in the middle of translating
@@ -113,11 +114,15 @@ def die_mid_metrics_line(at: int | None, name: str) -> None:
     mt.trainer.MetricsLog.write = write
 
 
+WAITING = "WAITING"
+
+
 def wait_for_ctrl_c(at: int | None, name: str) -> None:
     real_update = Trainer.update
 
     def update(self, batches):
         if self.state.step == at:
+            open(WAITING, "w").close()  # the test may send its signal now
             deadline = time.time() + 120
             while not self.stop_requested and time.time() < deadline:
                 time.sleep(0.02)

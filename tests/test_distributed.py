@@ -3,6 +3,7 @@ collectives as NCCL needs them, checked in one process."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,21 @@ class RecordingDist(Dist):
     def barrier(self) -> None:
         pass
 
+    def gather(self, obj: object) -> list[object]:
+        return [obj, obj]
+
+    def broadcast(self, obj: object) -> object:
+        return obj
+
+
+class OtherRankGotSigterm(RecordingDist):
+    """The other rank's share of each update's sums says it was asked to stop."""
+
+    def all_reduce_sum(self, t: torch.Tensor) -> None:
+        super().all_reduce_sum(t)
+        if t.numel() == 3:  # loss, nll, stop flag
+            t[2] += 1.0
+
 
 def test_every_collective_gets_tensors_on_the_models_device(exp):
     """NCCL takes only CUDA tensors: a CPU tensor in a collective fails the first multi-GPU update.
@@ -163,3 +179,16 @@ def test_no_sync_reaches_ddp_through_torch_compile(tmp_path):
             assert ddp.require_backward_grad_sync
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_a_stop_asked_of_one_rank_stops_every_rank_after_the_same_update(exp):
+    """torchrun forwards SIGTERM to every rank, but not at the same instant; a rank that stopped
+    alone would leave the others waiting in a collective. The stop is summed with the update."""
+    trainer = Trainer(load_config(exp, ["train.device=cpu", "train.max_steps=5", "train.valid_bleu=false"]))
+    trainer.dist = OtherRankGotSigterm()
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    assert result["stopped"] == "interrupted" and result["steps"] == 1
+    assert result["signal"] == signal.SIGTERM

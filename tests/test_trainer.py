@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -25,7 +26,8 @@ import mt.trainer as trainer_mod
 from mt.checkpoint import load_checkpoint, step_checkpoints
 from mt.cli import main
 from mt.config import load_config
-from mt.errors import MTError
+from mt.errors import CheckpointError, MTError
+from mt.prepare import cache_lock
 from mt.trainer import train
 
 # `corpus` and `prepared_dir` are conftest's, shared by the module (read only).
@@ -374,38 +376,146 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(
     assert_same_run(run, reference)
 
 
-@pytest.mark.slow
-def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path, corpus, prepared_dir, mt_env, reference):
-    args = run_args(tmp_path, corpus, prepared_dir)
-    run = tmp_path / "run"
+def _start_waiting_run(args: list[str], cwd: Path, env: dict[str, str], at: int) -> subprocess.Popen:
+    """A run through the fault driver that, after step `at` (and its validation and checkpoint,
+    if any), waits for a signal."""
     proc = subprocess.Popen(
-        [sys.executable, str(DRIVER), "interrupt@5", *args], cwd=tmp_path, env=mt_env,
+        [sys.executable, str(DRIVER), f"interrupt@{at}", *args], cwd=cwd, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (cwd / "WAITING").exists():
+        time.sleep(0.05)
+    return proc
+
+
+# Ctrl-C, and SIGTERM (what a scheduler, `docker stop` or `kill` sends) after the last step
+# checkpoint but one: the save it makes must not change which step checkpoints are averaged.
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "at"), [(signal.SIGINT, 5), (signal.SIGTERM, 12)], ids=["ctrl-c", "sigterm-near-the-end"]
+)
+def test_a_stop_signal_saves_and_the_same_command_resumes(
+    tmp_path, corpus, prepared_dir, mt_env, reference, sig, at
+):
+    args = run_args(tmp_path, corpus, prepared_dir)
+    run = tmp_path / "run"
+    proc = _start_waiting_run(args, tmp_path, mt_env, at)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:  # until step 5 is logged
-            metrics = run / "metrics.jsonl"
-            if metrics.exists() and '"step": 5, ' in metrics.read_text(encoding="utf-8"):
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    # A clean interrupt still exits 130, as shells report Ctrl-C; the checkpoint is safe.
-    assert proc.returncode == 130, err[-3000:]
+    # A clean stop still exits 128 + the signal, as shells report it; the checkpoint is safe.
+    assert proc.returncode == 128 + sig, err[-3000:]
     assert "Traceback" not in err
-    assert "interrupted at step 6; checkpoint saved to" in err and str(run / "checkpoint_last.pt") in err
-    assert "resume with the same command" in err
-    assert load_checkpoint(run / "checkpoint_last.pt")["state"]["step"] == 6
+    assert f"interrupted at step {at + 1}; checkpoint saved to" in err
+    assert str(run / "checkpoint_last.pt") in err and "resume with the same command" in err
+    assert load_checkpoint(run / "checkpoint_last.pt")["state"]["step"] == at + 1
     assert_checkpoints_load(run)
 
     proc2 = run_mt(args, tmp_path, mt_env)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
-    assert "resuming from" in proc2.stdout and "at step 6" in proc2.stdout
+    assert "resuming from" in proc2.stdout and f"at step {at + 1}" in proc2.stdout
     assert_same_run(run, reference)
+
+
+# --------------------------------------------------------------------------- one run per directory
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_directory_in_use_is_refused_naming_the_first(
+    tmp_path, corpus, prepared_dir, mt_env, capsys
+):
+    args = run_args(tmp_path, corpus, prepared_dir)
+    first = _start_waiting_run(args, tmp_path, mt_env, 1)
+    try:
+        assert first.poll() is None
+        assert main(args) == 2
+        line = error_line(capsys.readouterr().err, "train")
+        assert f"train.out_dir: {tmp_path / 'run'} is in use by process {first.pid} (mt " in line
+    finally:
+        first.kill()  # SIGKILL: no clean-up, and still no stale lock
+        first.communicate(timeout=60)
+    assert main(args) == 0  # the kill left no stale lock: the same command resumes
+
+
+def test_a_second_prepare_of_one_cache_is_refused(tmp_path, corpus, capsys):
+    cfg = _cfg(tmp_path, corpus)
+    prepared = cfg.prepared_dir
+    prepared.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(prepared):
+        assert main(["prepare", str(tmp_path / "exp.yaml")]) == 2
+    line = error_line(capsys.readouterr().err, "prepare")
+    assert f"data.prepared_dir: {prepared} is in use by process {os.getpid()}" in line
+    assert main(["prepare", str(tmp_path / "exp.yaml")]) == 0  # free again
+
+
+# --------------------------------------------------------------------------- resuming other data
+
+
+def test_resuming_with_data_that_changes_the_token_ids_is_refused(tmp_path, corpus, capsys):
+    train(_cfg(tmp_path, corpus, "train.max_steps=2", "train.valid_bleu=false"))
+    meta = (tmp_path / "prepared" / "meta.json").read_text(encoding="utf-8")
+    for change, shown in (
+        ("data.vocab_size=50", "data.vocab_size 60 -> 50"),
+        ("data.max_train_pairs=100", "data.max_train_pairs 0 -> 100"),
+        ("data.tgt_lang=fr", "data.tgt_lang 'en' -> 'fr'"),
+    ):
+        with pytest.raises(CheckpointError, match="was trained with other data") as e:
+            train(_cfg(tmp_path, corpus, "train.max_steps=4", change))
+        assert shown in str(e.value), str(e.value)
+    # Refused before preparing: the cache of the run is as it was.
+    assert (tmp_path / "prepared" / "meta.json").read_text(encoding="utf-8") == meta
+    capsys.readouterr()
+    result = train(_cfg(tmp_path, corpus, "train.max_steps=3", "train.lr=0.001", "train.valid_bleu=false"))
+    assert result["steps"] == 3
+    out = capsys.readouterr().out
+    assert "resuming with changed settings: " in out and "train.lr 0.003 -> 0.001" in out
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_when_the_run_writes_its_config_is_one_line(
+    tmp_path, corpus, prepared_dir, monkeypatch, capsys
+):
+    args = [str(corpus_config(tmp_path, corpus)), f"data.prepared_dir={prepared_dir}"]
+    assert main(["prepare", *args]) == 0
+    monkeypatch.setattr("mt.files.os.fsync", _enospc)  # the first file a run writes: config.yaml
+    rc = main(["train", *args])
+    assert rc == 2
+    line = error_line(capsys.readouterr().err, "train")
+    assert f"cannot write config {tmp_path / 'run' / 'config.yaml'}: No space left on device" in line
+    assert not list((tmp_path / "run").glob("*.tmp-*"))
+
+
+def test_a_full_disk_when_logging_metrics_keeps_the_last_checkpoint(
+    tmp_path, corpus, prepared_dir, monkeypatch, capsys
+):
+    args = ["train", str(corpus_config(tmp_path, corpus)), f"data.prepared_dir={prepared_dir}",
+            "train.max_steps=6", "train.valid_every=2", "train.valid_bleu=false", "train.log_every=3"]
+    real_open = open
+
+    def full_after_step_4(path, mode="r", *a, **kw):  # metrics.jsonl is the one file opened to append
+        if "a" in mode and "\"step\": 4," in Path(path).read_text(encoding="utf-8"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "open", full_after_step_4, raising=False)
+    assert main(args) == 2
+    line = error_line(capsys.readouterr().err, "train")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert f"cannot write {metrics}: No space left on device" in line and "last checkpoint is intact" in line
+    assert load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")["state"]["step"] == 4
+    monkeypatch.undo()
+    assert main(args) == 0  # room again: the same command resumes
+
 
 
 # --------------------------------------------------------------------------- fp16 and the grad scaler
@@ -430,6 +540,7 @@ def test_fp16_steps_the_scaler_skips_for_overflow_are_not_divergence(tmp_path, c
     trainer.raw_model.out_proj.weight.register_hook(overflow)
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     result = trainer.fit()  # six skipped steps in a row: more than MAX_NONFINITE_IN_ROW
+    trainer.close()
     assert result["steps"] == 8 and result["stopped"] == "budget reached"
     assert trainer.scaler.get_scale() == 2.0**10  # it backed off once per overflow
     after = trainer.raw_model.state_dict()
@@ -443,6 +554,9 @@ def test_an_fp16_run_resumes_a_checkpoint_written_without_a_scaler(tmp_path, cor
     train(cfg)
     assert load_checkpoint(cfg.out_dir / "checkpoint_last.pt")["scaler"] == {}
     resumed = trainer_mod.Trainer(_cfg(tmp_path, corpus, "train.max_steps=3", "train.valid_every=0"))
-    resumed.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    assert resumed._resume() and resumed.state.step == 2
-    assert resumed.scaler.get_scale() == 2.0**16
+    try:
+        resumed.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        resumed._resume(resumed._read_last_checkpoint())
+        assert resumed.state.step == 2 and resumed.scaler.get_scale() == 2.0**16
+    finally:
+        resumed.close()
