@@ -4,6 +4,7 @@ never half of one (the kills through tests/fault_driver.py, see helpers.run_mt).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -205,6 +206,27 @@ def test_failure_keeps_previous_cache(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         prepare(cfg2, quiet=True)
     assert json.loads((out / "meta.json").read_text())["fingerprint"] == old
+    assert not list(out.parent.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("where", ["our arrays", "inside datasets"])
+def test_a_full_disk_while_preparing_is_one_line_and_keeps_the_cache(tmp_path, monkeypatch, capsys, where):
+    corpus = make_corpus(tmp_path / "corpus")
+    cfg, out = _prepare(tmp_path, corpus)
+    meta = (out / "meta.json").read_text()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "disk" / "file"))
+
+    if where == "our arrays":
+        monkeypatch.setattr("mt.prepare._write_arrays", full)
+    else:  # the Arrow files `datasets` writes for each map/filter
+        monkeypatch.setattr(datasets.arrow_writer.ArrowWriter, "write_batch", full)
+    assert main(["prepare", str(tmp_path / "exp.yaml"), "data.vocab_size=50"]) == 2
+    line = error_line(capsys.readouterr().err, "prepare")
+    assert f"cannot write {tmp_path / 'disk' / 'file'}: No space left on device" in line
+    assert f"the prepared cache {out} is as it was" in line
+    assert (out / "meta.json").read_text() == meta
     assert not list(out.parent.glob(".*tmp*"))
 
 
