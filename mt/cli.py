@@ -63,6 +63,12 @@ def _cmd_average(args: argparse.Namespace) -> None:
     average_checkpoints(args.checkpoints, args.output)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from mt.commands.serve import serve_cli
+
+    serve_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mt", description="Machine translation: prepare data, train, translate, evaluate."
@@ -112,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="strict",
         help="undecodable UTF-8 input: stop with an error (strict) or replace the bad bytes",
     )
+    r.add_argument(
+        "--alignment",
+        action="store_true",
+        help="append a tab and the word alignment from cross-attention: fairseq's i-j pairs "
+        "(source word i, target word j, whitespace words counted from 0)",
+    )
     r.set_defaults(func=_cmd_translate)
 
     e = sub.add_parser(
@@ -142,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--output", required=True, help="averaged checkpoint to write")
     a.add_argument("checkpoints", nargs="+", help="checkpoints to average")
     a.set_defaults(func=_cmd_average)
+
+    v = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP, with a page that shows what the model attends to",
+        description="POST /translate, POST /attention, GET /health, GET / (the page). Concurrent requests "
+        "are translated together; limits answer with JSON errors (413, 422, 429, 503).",
+    )
+    v.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    v.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    v.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
+    from mt.commands.serve import add_limit_options
+
+    add_limit_options(v)
+    v.set_defaults(func=_cmd_serve)
     return p
 
 

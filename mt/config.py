@@ -105,6 +105,9 @@ class TrainConfig:
     precision: Precision = "auto"
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     compile: bool = False
+    # TensorBoard under <out_dir>/tensorboard: the logged metrics as scalars, and the
+    # cross-attention of the first validation sentences as images (the `tensorboard` extra).
+    tensorboard: bool = False
     out_dir: str = ""  # empty means runs/<config name>
 
 

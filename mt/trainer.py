@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mt.alignment import cross_attention
 from mt.batching import Batch, TokenBatcher, make_batch
+from mt.board import TensorBoard
 from mt.checkpoint import (
     keep_last,
     load_checkpoint,
@@ -50,9 +52,11 @@ from mt.model import Transformer
 from mt.prepare import is_up_to_date, prepare, read_meta
 from mt.schedule import lr_at, set_lr
 from mt.sources import inputs_reachable
+from mt.translator import _pad as pad_sources
 from mt.translator import translate_ids
 
 MAX_NONFINITE_IN_ROW = 5
+BOARD_SENTENCES = 3  # validation sentences whose attention TensorBoard shows
 # The data settings that decide what a checkpoint's token ids mean: a run may not resume with
 # others (mt.config.DataConfig documents each).
 DATA_KEYS_OF_IDS = {
@@ -106,10 +110,12 @@ def _step_of(line: str) -> int | None:
 
 class MetricsLog:
     """metrics.jsonl in the run directory; on resume, lines past the checkpoint (and lines
-    torn by a crash) are dropped."""
+    torn by a crash) are dropped. Every record also goes to TensorBoard when there is one."""
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(
+        self, path: Path, resume_step: int | None, enabled: bool, board: TensorBoard | None = None
+    ) -> None:
+        self.path, self.enabled, self.board = path, enabled, board
         if not enabled:
             return
         kept = []
@@ -128,6 +134,8 @@ class MetricsLog:
             try:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
+                if self.board is not None:
+                    self.board.record(record)
             except OSError as e:
                 raise MTError(
                     f"cannot write {self.path}: {e.strerror or e}; the last checkpoint is intact, "
@@ -173,7 +181,8 @@ class Trainer:
             self.model = self._wrap(self.raw_model)  # what the updates call: DDP and/or compiled
             self.batcher = self._build_batcher()
             resume_step = self.state.step if self.last_path.exists() else None
-            self.log = MetricsLog(self.out / "metrics.jsonl", resume_step, self.dist.is_main)
+            self.board = self._build_board(resume_step)
+            self.log = MetricsLog(self.out / "metrics.jsonl", resume_step, self.dist.is_main, self.board)
         except BaseException:
             self.close()
             raise
@@ -186,6 +195,8 @@ class Trainer:
 
     def close(self) -> None:
         """Let another run have the directory (the lock also dies with the process)."""
+        if getattr(self, "board", None) is not None:
+            self.board.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -308,6 +319,11 @@ class Trainer:
         if self.dist.is_main:
             save_config(self.cfg, self.out / "config.yaml")
         self.dist.barrier()
+
+    def _build_board(self, resume_step: int | None) -> TensorBoard | None:
+        if not (self.cfg.train.tensorboard and self.dist.is_main):
+            return None
+        return TensorBoard(self.out / "tensorboard", resume_step)
 
     def _wrap(self, model: Transformer) -> torch.nn.Module:
         wrapped = self.dist.wrap(model)
@@ -468,7 +484,16 @@ class Trainer:
                 texts = self.data.tokenizer.decode_tgt([h[0].tokens for h in hyps])
                 s = score(texts, self.data.text("valid", "tgt"))
                 metrics.update(valid_bleu=s["bleu"], valid_chrf=s["chrf"])
+                if self.board is not None:
+                    self._draw_attention(model, seqs[:BOARD_SENTENCES], [h[0].tokens for h in hyps])
         return self.dist.broadcast(metrics)
+
+    def _draw_attention(self, model: Transformer, seqs: list[np.ndarray], hyps: list[list[int]]) -> None:
+        """The last decoder layer's cross-attention (heads averaged) of the first validation
+        sentences' greedy translations, as TensorBoard images."""
+        src = pad_sources(seqs, self.device)
+        for i, weights in enumerate(cross_attention(model, src, hyps[: len(seqs)])):
+            self.board.attention(self.state.step, i, weights[-1].mean(0))
 
     def _is_better(self, metrics: dict[str, Any]) -> bool:
         key = {"bleu": "valid_bleu", "chrf": "valid_chrf", "loss": "valid_loss"}[self.cfg.train.best_metric]

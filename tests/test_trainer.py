@@ -8,6 +8,7 @@ The kills are injected from outside, through tests/fault_driver.py (see helpers.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -560,3 +561,32 @@ def test_an_fp16_run_resumes_a_checkpoint_written_without_a_scaler(tmp_path, cor
         assert resumed.state.step == 2 and resumed.scaler.get_scale() == 2.0**16
     finally:
         resumed.close()
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def test_tensorboard_gets_every_metric_and_the_attention_of_validation_sentences(tmp_path, corpus):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, corpus, "train.max_steps=4", "train.valid_every=2", "train.tensorboard=true")
+    train(cfg)
+    events = EventAccumulator(str(cfg.out_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {f"train/{k}" for k in ("loss", "lr", "tok_s", "grad_norm")} <= scalars
+    assert {f"valid/{k}" for k in ("valid_loss", "valid_bleu", "valid_chrf")} <= scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("valid/valid_loss")] == [2, 4]
+    assert {"attention/valid_0", "attention/valid_1", "attention/valid_2"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("attention/valid_0")] == [2, 4]
+
+
+def test_tensorboard_without_its_extra_is_one_line(tmp_path, corpus, monkeypatch):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "tensorboard" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(MTError, match=r"train.tensorboard needs the `tensorboard` extra: pip install"):
+        train(_cfg(tmp_path, corpus, "train.max_steps=1", "train.tensorboard=true"))

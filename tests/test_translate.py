@@ -448,3 +448,25 @@ def test_each_thread_gets_its_share_and_the_count_is_restored(translator, monkey
         assert later == [2]  # threads started afterwards get the caller's count back too
     finally:
         torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- --alignment
+
+
+def test_alignment_appends_fairseq_pairs_after_a_tab(tmp_path, capsys, checkpoint, translator):
+    lines = [SRC[0], "", SRC[1]]
+    src = write(tmp_path / "in.txt", ("\n".join(lines) + "\n").encode())
+    rc, out, err = run_cli(capsys, checkpoint, "--input", str(src), "--beam", "2", "--alignment")
+    assert rc == 0, err
+    got = out.split("\n")[:-1]
+    assert len(got) == 3 and got[1] == ""
+    for line, expected, row in zip(lines, translator.translate(lines, beam=2), got, strict=True):
+        if not line:
+            continue
+        text, pairs = row.split("\t")
+        assert text == expected
+        pairs = [tuple(map(int, p.split("-"))) for p in pairs.split()]
+        assert [j for _, j in pairs] == list(range(len(text.split())))
+        assert all(0 <= i < len(line.split()) for i, _ in pairs)
+    rc, out, err = run_cli(capsys, checkpoint, "--input", str(src), "--alignment", "--nbest", "2")
+    assert rc == 2 and "--alignment goes with one translation per line" in err

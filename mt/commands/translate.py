@@ -9,6 +9,8 @@ The contract is N lines in, N lines out, in order, whatever the lines contain:
   model's maximum is translated from its first tokens, with a warning on stderr.
 * Output lines never contain "\\n" or "\\r": a hypothesis containing one gets a
   space instead, so the output can always be split back into N lines.
+* With --alignment each output line is followed by a tab and its word alignment, as
+  fairseq prints it: `i-j` pairs, source word i aligned to target word j (mt.alignment).
 * With --nbest K > 1 each input line still gives one output line, made of K
   tab-separated (hypothesis, score) pairs: `hyp1<TAB>score1<TAB>hyp2<TAB>score2 ...`
   (tabs inside a hypothesis become spaces). An empty input line gives an empty line.
@@ -57,10 +59,23 @@ def _write_stdout(text: str) -> None:
 # --------------------------------------------------------------------------- command
 
 
+def _output_lines(
+    translator: Translator, lines: list[str], args: argparse.Namespace, progress: bool
+) -> list[str]:
+    """One output line per input line: the translation(s), and with --alignment a tab and the
+    word alignment (fairseq's `i-j` pairs); a blank line gives a blank line."""
+    from mt.translator import one_line, translate_lines
+
+    if not args.alignment:
+        return translate_lines(translator, lines, args.beam, args.nbest, args.max_tokens, progress=progress)
+    from mt.alignment import format_pairs, translate_and_attend
+
+    out = translate_and_attend(translator, lines, args.beam)
+    return [f"{one_line(text)}\t{format_pairs(attn.pairs)}" if attn else "" for text, attn in out]
+
+
 def _interactive(translator: Translator, args: argparse.Namespace) -> None:
     """Translate each line as it is typed, until end of input."""
-    from mt.translator import translate_lines
-
     print("mt translate: type a sentence and press Enter (Ctrl-D to quit)", file=sys.stderr)
     n = 0
     while True:
@@ -76,8 +91,7 @@ def _interactive(translator: Translator, args: argparse.Namespace) -> None:
         except MTError as e:  # a typo should not end the session
             print(f"mt translate: {e}", file=sys.stderr)
             continue
-        out = translate_lines(translator, lines or [""], args.beam, args.nbest, args.max_tokens)
-        _write_stdout(out[0] + "\n")
+        _write_stdout(_output_lines(translator, lines or [""], args, progress=False)[0] + "\n")
 
 
 def check_options(beam: int | None, max_tokens: int | None, nbest: int = 1) -> None:
@@ -93,6 +107,8 @@ def check_options(beam: int | None, max_tokens: int | None, nbest: int = 1) -> N
 def translate_cli(args: argparse.Namespace) -> None:
     """`mt translate`: see the module docstring."""
     check_options(args.beam, args.max_tokens, args.nbest)  # before any (slow) import of torch
+    if args.alignment and args.nbest > 1:
+        raise MTError("--alignment goes with one translation per line: drop --nbest")
     hint = "; fix the input or pass --errors replace"
     source = None if args.input == STDIO else args.input
     dest = None if args.output == STDIO else args.output
@@ -112,13 +128,13 @@ def translate_cli(args: argparse.Namespace) -> None:
     # Opened before the model is loaded, so a bad output path fails in a second, not after the work.
     with AtomicFile(dest) if dest else contextlib.nullcontext() as out:
         from mt.device import pick_device
-        from mt.translator import Translator, translate_lines
+        from mt.translator import Translator
 
         translator = Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision)
         if interactive:
             _interactive(translator, args)
             return
-        result = translate_lines(translator, lines, args.beam, args.nbest, args.max_tokens, progress=True)
+        result = _output_lines(translator, lines, args, progress=True)
         text = "".join(line + "\n" for line in result)
         if out is not None:
             out.commit(text.encode("utf-8"))
