@@ -117,6 +117,8 @@ def create_app(translator: Translator, limits: ServeLimits | None = None) -> Fas
             "model": translator.config.name,
             "device": str(translator.device),
             "queued_lines": batcher.queued_lines if batcher else 0,
+            "decoding_calls": batcher.calls if batcher else 0,
+            "lines_decoded": batcher.lines if batcher else 0,
             "time": time.time(),
         }
 

@@ -72,6 +72,7 @@ class Batcher:
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.queued_lines = 0
         self.calls = 0  # decoding calls made: fewer than requests when batching works
+        self.lines = 0  # lines decoded: lines / calls is the mean batch
         self.closing = False
         self._task: asyncio.Task | None = None
         # One thread decodes, for /translate and /attention alike: one model, one search at a time.
@@ -123,6 +124,7 @@ class Batcher:
                 lines = [line for job in group for line in job.lines]
                 try:
                     self.calls += 1
+                    self.lines += len(lines)
                     out = await loop.run_in_executor(self.executor, self._decode, lines, beam, nbest)
                 except Exception as e:  # handed to each waiting request, which answers 500
                     for job in group:

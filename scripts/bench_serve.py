@@ -96,6 +96,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--beam", type=int, default=5)
+    ap.add_argument("--batch-window-ms", type=float, help="passed to mt serve (default: its own)")
     args = ap.parse_args()
     from mt.files import read_lines
     from mt.translator import Translator
@@ -108,8 +109,9 @@ def main() -> int:
     expected = Translator.from_checkpoint(args.checkpoint, "cpu").translate(distinct, beam=args.beam)
     expected_of = dict(zip(distinct, expected, strict=True))
 
+    window = ["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms else []
     port = free_port()
-    server = start(args.checkpoint, port, "--device", "cpu")
+    server = start(args.checkpoint, port, "--device", "cpu", *window)
     try:
         secs, results = run_load(port, lines[:100], 1, args.beam)
         one = report("1 client (100 requests)", secs, results)
@@ -119,6 +121,9 @@ def main() -> int:
             r[0] == 200 and r[1]["translations"][0] == expected_of[line]
             for line, r in zip(lines, results, strict=True)
         )
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
+            health = json.loads(r.read())
+        print(f"  mean lines per decoding call: {health['lines_decoded'] / health['decoding_calls']:.1f}")
         gain = many / one
         print(f"  answers equal to mt translate: {same}/{len(lines)}; batching gain {gain:.2f}x", flush=True)
     finally:
