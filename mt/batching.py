@@ -8,6 +8,10 @@ Resuming: `TokenBatcher.epoch_batches(epoch)` is a pure function of
 state. A trainer resumes mid-epoch by saving (epoch, position of the next batch within
 that epoch's list) and, after restarting, iterating `epoch_batches(epoch)[position:]`.
 Nothing about the batcher needs to go into a checkpoint beyond those two ints.
+
+Several corpora: a `Mixture` says which pairs an epoch draws from (each source's pairs
+int(weight) times, plus a random share of the fraction), a pure function of (seed, epoch)
+as well; the batcher sorts and cuts that multiset as it does the whole split.
 """
 
 from __future__ import annotations
@@ -123,6 +127,39 @@ def make_batch(
     )
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """How an epoch mixes the sources of a training split, stored one after the other:
+    `counts[k]` pairs of source k, each seen `weights[k]` times per epoch on average."""
+
+    counts: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.counts) != len(self.weights) or min(self.weights, default=1.0) <= 0:
+            raise ValueError(f"need one weight > 0 per source, got {self.weights} for {len(self.counts)}")
+
+    @property
+    def trivial(self) -> bool:
+        """Every pair once per epoch: the same as no mixture."""
+        return all(w == 1.0 for w in self.weights)
+
+    def epoch_pairs(self, seed: int, epoch: int) -> np.ndarray:
+        """The indices an epoch draws from, in source order: source k's pairs int(w) times,
+        then round(frac(w) * count) of them, chosen afresh for each (seed, epoch, source)."""
+        parts, start = [], 0
+        for k, (n, w) in enumerate(zip(self.counts, self.weights, strict=True)):
+            whole, frac = int(w), w - int(w)
+            ids = np.arange(start, start + n, dtype=np.int64)
+            parts += [ids] * whole
+            extra = round(frac * n)
+            if extra:
+                rng = np.random.default_rng([seed, epoch, 1, k])  # not the batch-shuffle stream
+                parts.append(np.sort(rng.choice(ids, extra, replace=False)))
+            start += n
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 class TokenBatcher:
     """Groups sentence pairs into batches of at most `max_tokens` padded tokens.
 
@@ -155,6 +192,7 @@ class TokenBatcher:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        mixture: Mixture | None = None,
     ) -> None:
         src_lens = np.asarray(src_lens, dtype=np.int64)
         tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
@@ -182,6 +220,12 @@ class TokenBatcher:
             )
         self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
         self.rank, self.world_size = rank, world_size
+        if mixture is not None and sum(mixture.counts) != len(self.sizes):
+            raise ValueError(
+                f"the mixture's sources hold {sum(mixture.counts)} pairs, the split {len(self.sizes)}"
+            )
+        # A trivial mixture is no mixture: the batches stay exactly those of the whole split.
+        self.mixture = None if mixture is None or mixture.trivial else mixture
         self._bounds = self._cut(np.sort(self.sizes))
 
     def _cut(self, sorted_sizes: np.ndarray) -> np.ndarray:
@@ -200,16 +244,21 @@ class TokenBatcher:
         return np.asarray(bounds, dtype=np.int64)
 
     def _global_batches(self, epoch: int) -> list[np.ndarray]:
-        n = len(self.sizes)
+        if self.mixture is None:
+            pool, bounds = np.arange(len(self.sizes)), self._bounds
+        else:  # the multiset differs from epoch to epoch (fractional weights): so do the cuts
+            pool, bounds = self.mixture.epoch_pairs(self.seed, epoch), None
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch])  # independent stream per (seed, epoch)
-            order = rng.permutation(n)
+            order = pool[rng.permutation(len(pool))]
         else:
-            order = np.arange(n)
+            order = pool
         # lexsort is stable and sorts by its last key first: size, then tgt, then src.
         keys = (self.src_lens[order], self.tgt_lens[order], self.sizes[order])
         order = order[np.lexsort(keys)]
-        batches = [order[a:b] for a, b in zip(self._bounds[:-1], self._bounds[1:], strict=True)]
+        if bounds is None:
+            bounds = self._cut(self.sizes[order])
+        batches = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
         return batches
@@ -228,8 +277,9 @@ class TokenBatcher:
         return batches[self.rank :: self.world_size]
 
     def num_batches(self, epoch: int = 0) -> int:
-        """len(epoch_batches(epoch)) without building them; the same for every epoch."""
-        n = len(self._bounds) - 1
+        """len(epoch_batches(epoch)); without a mixture the same for every epoch, and known
+        without building them."""
+        n = len(self._bounds) - 1 if self.mixture is None else len(self._global_batches(epoch))
         return -(-n // self.world_size)
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Hashable
@@ -25,34 +26,69 @@ from mt.files import AtomicFile
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
+# Our split name -> file stem in a local directory, and -> split name on the hub.
+LOCAL_SPLITS = {"train": "train", "valid": "valid", "test": "test"}
+HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+
+
+@dataclass
+class SourceConfig:
+    """One corpus of `data.sources`: where it is (its keys mean what the single-source keys of
+    DataConfig mean) and how often an epoch sees each of its training pairs."""
+
+    name: str = ""  # required: names the source in data.eval_source, the summary and errors
+    local_dir: str | None = None
+    local_splits: dict[str, str] = field(default_factory=lambda: dict(LOCAL_SPLITS))
+    hub: str | None = None
+    hub_config: str | None = None
+    hub_revision: str | None = None
+    hub_data_dir: str | None = None
+    hub_splits: dict[str, str] = field(default_factory=lambda: dict(HUB_SPLITS))
+    max_train_pairs: int = 0
+    # Each epoch holds every training pair of this source int(weight) times, plus a fresh
+    # random share of the fraction (seeded by train.seed and the epoch): 2 up-samples, 0.5
+    # shows half of it per epoch. It changes the mixture, not the prepared cache.
+    weight: float = 1.0
+
+
 @dataclass
 class DataConfig:
     src_lang: str = "de"
     tgt_lang: str = "en"
+    # One corpus, given by the keys below (local_dir ... max_train_pairs), or several in
+    # `sources`, which then replaces them.
     # Local parallel text: `{local_dir}/{stem}.{lang}` or `.gz`, one sentence per line.
     # Used when the directory exists; otherwise the hub data set below is loaded.
     local_dir: str | None = None
     # Our split name -> file stem in local_dir (e.g. valid: val).
-    local_splits: dict[str, str] = field(
-        default_factory=lambda: {"train": "train", "valid": "valid", "test": "test"}
-    )
-    # Hugging Face hub data set; rows have a `translation` column ({lang: text})
-    # or one column per language.
+    local_splits: dict[str, str] = field(default_factory=lambda: dict(LOCAL_SPLITS))
+    # Hugging Face hub data set (or a local directory laid out like one); rows have a
+    # `translation` column ({lang: text}) or one column per language.
     hub: str | None = None
     hub_config: str | None = None
+    # A branch, tag or commit of the hub repository: `refs/convert/parquet` is the hub's
+    # parquet conversion, which `datasets` 5 can read where the main branch needs a loading
+    # script. The conversion has one folder per config, chosen with hub_data_dir
+    # (e.g. iwslt2017-de-en), and no config names (leave hub_config empty).
+    hub_revision: str | None = None
+    hub_data_dir: str | None = None
     # Our split name -> hub split name.
-    hub_splits: dict[str, str] = field(
-        default_factory=lambda: {"train": "train", "valid": "validation", "test": "test"}
-    )
-    # Where the encoded corpus is cached; empty means data/prepared/<config name>.
-    prepared_dir: str = ""
+    hub_splits: dict[str, str] = field(default_factory=lambda: dict(HUB_SPLITS))
     # Use only the first N training pairs (0 = all); for tests and quick experiments.
     max_train_pairs: int = 0
+    # Several corpora, each cleaned and counted on its own and mixed by weight in every epoch.
+    sources: list[SourceConfig] = field(default_factory=list)
+    # The source whose other splits (valid, test, ...) are prepared; empty = the first one.
+    eval_source: str = ""
+    # Where the encoded corpus is cached; empty means data/prepared/<config name>.
+    prepared_dir: str = ""
     # Cleaning, training split only: pairs longer than this many subword tokens on
     # either side, or whose token-length ratio exceeds max_ratio, are dropped.
     max_len: int = 200
     max_ratio: float = 3.0
-    # SentencePiece.
+    # SentencePiece, trained on at most spm_max_sentences sentences sampled from the training
+    # pairs of all sources (with a fixed seed). Memory grows with the sample: about 2.8 KB per
+    # sentence of ~140 characters for unigram, a fifth of that for bpe.
     spm_type: Literal["unigram", "bpe"] = "unigram"
     joint_vocab: bool = True
     vocab_size: int = 8000
@@ -105,6 +141,9 @@ class TrainConfig:
     precision: Precision = "auto"
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     compile: bool = False
+    # Fine-tuning: start from this checkpoint's weights (a fresh optimizer and schedule), with
+    # the data prepared by its SentencePiece models. The model config must match its shapes.
+    init_from: str = ""
     # TensorBoard under <out_dir>/tensorboard: the logged metrics as scalars, and the
     # cross-attention of the first validation sentences as images (the `tensorboard` extra).
     tensorboard: bool = False
@@ -164,6 +203,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (types.UnionType, typing.Union):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        return "a list of mappings"
     if origin in (list, dict):
         return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", str(tp))
@@ -196,6 +237,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise bad
         return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: {value!r} is not a valid value; expected a mapping of keys to values")
+        obj = tp()
+        hints = typing.get_type_hints(tp)
+        for k, v in value.items():
+            if k not in hints:
+                raise ConfigError(f"{key}: unknown key '{k}'{_suggest(str(k), list(hints))}")
+            setattr(obj, k, _coerce(v, hints[k], f"{key}.{k}"))
+        return obj
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -255,19 +308,53 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _validate_sources(d: DataConfig) -> None:
+    """data.sources replaces the single-source keys; each source is complete on its own."""
+    single = {k: getattr(d, k) for k in ("local_dir", "hub", "hub_config", "hub_revision", "hub_data_dir")}
+    for k, v in single.items():
+        _check(v is None, f"data.{k}", "not used with data.sources; give it in a source instead")
+    _check(d.max_train_pairs == 0, "data.max_train_pairs", "not used with data.sources; give it per source")
+    names = []
+    for i, s in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        _check(bool(SOURCE_NAME.fullmatch(s.name)), f"{key}.name", f"{s.name!r}: letters, digits, - or _")
+        _check(s.name not in names, f"{key}.name", f"'{s.name}' is given twice")
+        names.append(s.name)
+        _check(s.local_dir is not None or s.hub is not None, key, "set local_dir or hub")
+        _check(s.weight > 0, f"{key}.weight", f"must be > 0, got {s.weight}")
+        _check(s.max_train_pairs >= 0, f"{key}.max_train_pairs", "must be >= 0")
+    _check(
+        any("train" in s.local_splits or "train" in s.hub_splits for s in d.sources),
+        "data.sources",
+        "no source has a 'train' split",
+    )
+    _check(
+        not d.eval_source or d.eval_source in names,
+        "data.eval_source",
+        f"'{d.eval_source}' is not a source; sources are {', '.join(names)}",
+    )
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     d, m, t, dec = cfg.data, cfg.model, cfg.train, cfg.decode
     _check(bool(d.src_lang) and bool(d.tgt_lang), "data.src_lang", "languages must be set")
     _check(d.src_lang != d.tgt_lang, "data.tgt_lang", "must differ from data.src_lang")
-    _check(d.local_dir is not None or d.hub is not None, "data", "set data.local_dir or data.hub")
-    _check("train" in d.local_splits or "train" in d.hub_splits, "data", "no 'train' split")
+    if d.sources:
+        _validate_sources(d)
+    else:
+        _check(d.local_dir is not None or d.hub is not None, "data", "set data.local_dir or data.hub")
+        _check("train" in d.local_splits or "train" in d.hub_splits, "data", "no 'train' split")
+        _check(not d.eval_source, "data.eval_source", "names one of data.sources, and there are none")
     _check(d.max_train_pairs >= 0, "data.max_train_pairs", "must be >= 0")
     _check(d.max_len >= 1, "data.max_len", f"must be >= 1, got {d.max_len}")
     _check(d.max_ratio >= 1.0, "data.max_ratio", f"must be >= 1, got {d.max_ratio}")
     _check(d.vocab_size >= 16, "data.vocab_size", f"must be >= 16, got {d.vocab_size}")
     _check(0 < d.character_coverage <= 1, "data.character_coverage", "must be in (0, 1]")
-    _check(d.spm_max_sentences >= 1, "data.spm_max_sentences", "must be >= 1")
+    _check(d.spm_max_sentences > 100, "data.spm_max_sentences", "must be > 100 (SentencePiece's minimum)")
     _check(d.num_proc >= 1, "data.num_proc", "must be >= 1")
 
     _check(m.d_model >= 1, "model.d_model", "must be >= 1")

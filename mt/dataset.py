@@ -55,6 +55,11 @@ class Prepared:
             )
         return PreparedSplit(self.directory, name)
 
+    def train_sources(self) -> list[tuple[str, int]]:
+        """The training split's sources in their order in it, with their pair counts: source k
+        holds the pairs after those of the sources before it. Empty for caches that predate it."""
+        return [(s["name"], int(s["kept"])) for s in self.meta.get("train_sources", [])]
+
     def text(self, split: str, side: str) -> list[str]:
         """The stripped raw text of a validation or test split (references for scoring)."""
         path = self.directory / f"{split}.{side}.txt"

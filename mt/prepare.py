@@ -3,55 +3,74 @@
 The cache in `data/prepared/<name>/` holds, per split and side, a flat array of
 token ids (`train.src.npy`) and an offsets array (`train.src.idx.npy`, n+1
 entries: sentence i is ids[idx[i]:idx[i+1]]), the SentencePiece model(s),
-`meta.json` (counts, drop reasons and the fingerprint of inputs and settings)
-and the resolved `config.yaml`. Everything is written into a temporary
-directory that replaces the old cache only when complete, so an interrupted run
-leaves the previous cache or none, never half of one.
+`meta.json` (counts, drop reasons, the training split's sources in order, and the
+fingerprint of inputs and settings) and the resolved `config.yaml`. Everything is
+written into a temporary directory that replaces the old cache only when complete,
+so an interrupted run leaves the previous cache or none, never half of one.
+
+Memory stays bounded whatever the corpus size: splits are read in chunks (sources.Split),
+SentencePiece learns from a sample of at most data.spm_max_sentences sentences, and the
+encoded ids go to disk chunk by chunk. The training split of several sources is their
+cleaned pairs one source after the other; how an epoch mixes them is the trainer's
+(mt.batching.Mixture), so the weights are not part of the cache.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import dataclasses
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from tqdm import tqdm
 
 from mt import sources
+from mt.checkpoint import load_checkpoint
 from mt.config import Config, DataConfig, save_config
-from mt.errors import DataError
+from mt.errors import CheckpointError, DataError
 from mt.files import DirectoryLock, remove_stale, replace_dir, temp_path
 from mt.tokenizer import Tokenizer, load_processor, train_spm
 
-if TYPE_CHECKING:  # imported by prepare() itself: training from a prepared cache needs no `datasets`
-    import datasets
-
 # Bump when the cache layout or the processing changes, so old caches are rebuilt.
-PREPARE_VERSION = 2
+PREPARE_VERSION = 3
 DROP_REASONS = ("empty", "too_long", "ratio")
 META = "meta.json"
+CHUNK = 10_000  # pairs read, encoded and written at a time
+POOL_FROM = 20_000  # pairs in a split from which data.num_proc worker processes encode it
+
+# A source protos pair: the SentencePiece models of source and target (the same for joint).
+Vocab = tuple[bytes, bytes]
 
 
 # --------------------------------------------------------------------------- fingerprint
 
 
-def fingerprint(cfg: DataConfig) -> str:
-    """Hash of everything that determines the cache: settings, inputs, code version."""
-    settings = {k: v for k, v in vars(cfg).items() if k not in ("prepared_dir", "num_proc")}
+def fingerprint(cfg: DataConfig, vocab: Vocab | None = None) -> str:
+    """Hash of everything that determines the cache: settings, inputs, given subword models,
+    code version. Source weights are left out: they change the mixture, not the cache."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("prepared_dir", "num_proc")}
+    for src in settings["sources"]:
+        del src["weight"]
     blob = json.dumps(
-        {"version": PREPARE_VERSION, "settings": settings, "inputs": sources.source_fingerprint(cfg)},
+        {
+            "version": PREPARE_VERSION,
+            "settings": settings,
+            "inputs": sources.source_fingerprint(cfg),
+            "vocab": [hashlib.sha256(p).hexdigest() for p in vocab] if vocab else None,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -66,11 +85,52 @@ def read_meta(prepared_dir: Path) -> dict[str, Any] | None:
 
 def is_up_to_date(cfg: Config) -> bool:
     meta = read_meta(cfg.prepared_dir)
-    return meta is not None and meta.get("fingerprint") == fingerprint(cfg.data)
+    return meta is not None and meta.get("fingerprint") == fingerprint(cfg.data, pretrained_vocab(cfg))
 
 
-# --------------------------------------------------------------------------- per-batch functions
-# These run inside datasets.map, possibly in worker processes.
+# --------------------------------------------------------------------------- fine-tuning
+
+_VOCABS: dict[tuple[str, int, int], tuple[Vocab, dict[str, Any]]] = {}
+
+
+def _checkpoint_vocab(path: Path) -> tuple[Vocab, dict[str, Any]]:
+    """The subword models and config of a checkpoint, read once per file version: checking
+    that the cache is up to date and preparing it both need them."""
+    try:
+        st = path.stat()
+    except OSError:
+        raise CheckpointError(f"train.init_from: checkpoint not found: {path}") from None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _VOCABS:
+        try:
+            ck = load_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"train.init_from: {e}") from None
+        if not isinstance(ck.get("spm_src"), bytes) or not isinstance(ck.get("spm_tgt"), bytes):
+            raise CheckpointError(f"train.init_from: {path} holds no SentencePiece models")
+        _VOCABS[key] = ((ck["spm_src"], ck["spm_tgt"]), ck.get("config", {}))
+    return _VOCABS[key]
+
+
+def pretrained_vocab(cfg: Config) -> Vocab | None:
+    """With train.init_from, the checkpoint's subword models, which then encode the data; a
+    checkpoint of other languages is refused (its vocabulary would not fit them)."""
+    if not cfg.train.init_from:
+        return None
+    path = Path(cfg.train.init_from)
+    vocab, ck_config = _checkpoint_vocab(path)
+    then = ck_config.get("data", {})
+    langs, now = (then.get("src_lang"), then.get("tgt_lang")), (cfg.data.src_lang, cfg.data.tgt_lang)
+    if langs != now:
+        raise CheckpointError(
+            f"train.init_from: {path} translates {langs[0]}->{langs[1]}, but this config "
+            f"{now[0]}->{now[1]}; fine-tune a model of the same languages"
+        )
+    return vocab
+
+
+# --------------------------------------------------------------------------- encoding
+# Runs in the main process or, for big splits, in worker processes (one _Encoder each).
 
 _PROCESSORS: dict[str, Any] = {}
 
@@ -82,65 +142,205 @@ def _processor(proto: bytes) -> Any:
     return _PROCESSORS[key]
 
 
-def _strip(batch: dict[str, list[str]]) -> dict[str, list[str]]:
-    return {"src": [s.strip() for s in batch["src"]], "tgt": [t.strip() for t in batch["tgt"]]}
+@dataclass
+class _Encoded:
+    """One chunk, encoded: the ids of the pairs kept, and why each pair was dropped."""
+
+    reason: np.ndarray  # per pair read: 0 kept, else DROP_REASONS index + 1
+    src_lens: np.ndarray  # per pair kept
+    tgt_lens: np.ndarray
+    src_ids: np.ndarray  # the kept pairs' ids, concatenated
+    tgt_ids: np.ndarray
+    text: tuple[list[str], list[str]] | None  # the stripped lines, for splits that keep every line
 
 
-def _encode(
-    batch: dict[str, list[str]], src_proto: bytes, tgt_proto: bytes, max_len: int, max_ratio: float
-) -> dict[str, list]:
-    src = _processor(src_proto).encode(batch["src"], out_type=int)
-    tgt = _processor(tgt_proto).encode(batch["tgt"], out_type=int)
-    reason = []
-    for s, t in zip(src, tgt, strict=True):
-        ls, lt = len(s), len(t)
-        if max(ls, lt) > max_len:
-            reason.append(2)  # DROP_REASONS index + 1
-        elif max(ls, lt) > max_ratio * max(1, min(ls, lt)):
-            reason.append(3)
-        else:
-            reason.append(0)
-    return {"src_ids": src, "tgt_ids": tgt, "reason": reason}
+def _flat(ids: list[list[int]], lens: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))
+
+
+@dataclass
+class _Encoder:
+    """Strip, encode and (for training) drop pairs: one chunk at a time."""
+
+    src_proto: bytes
+    tgt_proto: bytes
+    dtype: np.dtype
+    max_len: int
+    max_ratio: float
+    clean: bool  # training: drop empty, over-long and badly proportioned pairs; else keep all
+
+    def __call__(self, chunk: tuple[list[str], list[str]]) -> _Encoded:
+        src = [s.strip() for s in chunk[0]]
+        tgt = [t.strip() for t in chunk[1]]
+        reason = np.zeros(len(src), dtype=np.int8)
+        if self.clean:
+            empty = np.fromiter((not (s and t) for s, t in zip(src, tgt, strict=True)), bool, len(src))
+            reason[empty] = 1
+            if empty.any():
+                src = [s for s, e in zip(src, empty, strict=True) if not e]
+                tgt = [t for t, e in zip(tgt, empty, strict=True) if not e]
+        s_ids = _processor(self.src_proto).encode(src, out_type=int)
+        t_ids = _processor(self.tgt_proto).encode(tgt, out_type=int)
+        ls = np.fromiter(map(len, s_ids), np.int64, len(s_ids))
+        lt = np.fromiter(map(len, t_ids), np.int64, len(t_ids))
+        if self.clean:
+            longer, shorter = np.maximum(ls, lt), np.maximum(1, np.minimum(ls, lt))
+            why = np.where(longer > self.max_len, 2, np.where(longer > self.max_ratio * shorter, 3, 0))
+            reason[reason == 0] = why
+            keep = why == 0
+            if not keep.all():
+                s_ids = [x for x, k in zip(s_ids, keep, strict=True) if k]
+                t_ids = [x for x, k in zip(t_ids, keep, strict=True) if k]
+                ls, lt = ls[keep], lt[keep]
+        return _Encoded(
+            reason,
+            ls,
+            lt,
+            _flat(s_ids, ls, self.dtype),
+            _flat(t_ids, lt, self.dtype),
+            None if self.clean else (src, tgt),
+        )
 
 
 # --------------------------------------------------------------------------- worker processes
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_WORKER: dict[str, _Encoder] = {}
 
 
-def _die_with_parent(parent: _Parent) -> None:
-    """In a process just forked from `parent`: have Linux SIGKILL it when `parent` ends, however
-    it ends. Otherwise the pool of a SIGKILLed `mt prepare` (its workers and its manager process)
-    waits forever for work. Linux sends the signal when the *thread* that forked ends: the pools
-    of datasets.map are made by the thread that calls it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent.pid:  # it died before the prctl: no signal will come
-        os.kill(os.getpid(), signal.SIGKILL)
+def _start_worker(parent_pid: int, encoder: _Encoder) -> None:
+    """First thing in a worker process: have Linux SIGKILL it when its parent ends, however it
+    ends (a SIGKILLed `mt prepare` must not leave its pool waiting for work). Linux sends the
+    signal when the *thread* that forked ends: the pool is made by the thread that prepares."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent_pid:  # it died before the prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGKILL)
+    # Ctrl-C reaches the whole process group: the parent handles it and ends the pool, whose
+    # SIGTERM must then end a worker at once, not run the handler the CLI gave the parent.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _WORKER["encoder"] = encoder
 
 
-class _Parent:
-    def __init__(self) -> None:
-        self.pid = os.getpid()
+def _encode_in_worker(chunk: tuple[list[str], list[str]]) -> _Encoded:
+    return _WORKER["encoder"](chunk)
 
 
-@contextlib.contextmanager
-def _workers_die_with_this_process() -> Iterator[None]:
-    """Within the block, each process forked by `multiprocess` (what datasets.map uses for
-    num_proc > 1) runs `_die_with_parent` first thing; Linux only (prctl)."""
-    if sys.platform != "linux":
-        yield
+def _encoded(
+    chunks: Iterator[tuple[list[str], list[str]]], encoder: _Encoder, workers: int
+) -> Iterator[_Encoded]:
+    """The chunks encoded in order, by `workers` processes when more than one; at most two
+    chunks per worker are in flight, so a fast reader never queues up the corpus."""
+    if workers <= 1:
+        yield from map(encoder, chunks)
         return
-    import multiprocess.util
+    pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (os.getpid(), encoder))
+    try:
+        pending: deque[Any] = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    finally:
+        pool.terminate()
+        pool.join()
 
-    parent = _Parent()
-    multiprocess.util.register_after_fork(parent, _die_with_parent)
-    yield
-    # The registry holds `parent` weakly: the hook goes when this generator does.
+
+# --------------------------------------------------------------------------- writing arrays
 
 
-# --------------------------------------------------------------------------- steps
+class _IdsFile:
+    """One side of a split: ids appended chunk by chunk to a raw file, then written as `.npy`
+    (ids) and `.idx.npy` (offsets) without ever holding all ids in memory."""
+
+    def __init__(self, out: Path, split: str, side: str, dtype: np.dtype) -> None:
+        self.path = out / f"{split}.{side}.npy"
+        self.idx_path = out / f"{split}.{side}.idx.npy"
+        self.raw_path = out / f"{split}.{side}.raw"
+        self.dtype = dtype
+        self.raw: IO[bytes] = open(self.raw_path, "wb")
+        self.lengths: list[np.ndarray] = []
+
+    def append(self, ids: np.ndarray, lens: np.ndarray) -> None:
+        self.raw.write(ids.tobytes())
+        self.lengths.append(lens.astype(np.int32))
+
+    def finish(self) -> int:
+        """Write the arrays; returns the number of tokens."""
+        self.raw.close()
+        lens = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
+        offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        np.save(self.idx_path, offsets)
+        total = int(offsets[-1])
+        with open(self.path, "wb") as f, open(self.raw_path, "rb") as raw:
+            # An empty array cannot be memory-mapped: a split without tokens stores one padding id.
+            shape = (max(total, 1),)
+            descr = np.lib.format.dtype_to_descr(self.dtype)
+            np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+            shutil.copyfileobj(raw, f, 1 << 24)
+            if total == 0:
+                f.write(np.zeros(1, self.dtype).tobytes())
+        self.raw_path.unlink()
+        return total
+
+    def discard(self) -> None:
+        self.raw.close()
+
+
+def _write_arrays(
+    parts: list[sources.Split], out: Path, split: str, encoder: _Encoder, workers: int, progress: bool
+) -> dict[str, Any]:
+    """Encode the parts of a split (one per source for training) and write its arrays, and for
+    a split that keeps every line its reference text; returns its counts, per part too."""
+    sides = ("src", "tgt")
+    files = [_IdsFile(out, split, side, encoder.dtype) for side in sides]
+    # The raw text of splits that keep every line, for scoring against real references.
+    text = [] if encoder.clean else [
+        open(out / f"{split}.{side}.txt", "w", encoding="utf-8", newline="\n") for side in sides
+    ]
+    counts = []
+    total = sum(map(len, parts))
+    bar = tqdm(total=total, desc=f"encode {split}", unit="pair", leave=False, disable=not progress)
+    try:
+        for part in parts:
+            reasons = np.zeros(len(DROP_REASONS) + 1, dtype=np.int64)
+            use = workers if len(part) >= POOL_FROM else 1
+            for enc in _encoded(part.chunks(CHUNK), encoder, use):
+                files[0].append(enc.src_ids, enc.src_lens)
+                files[1].append(enc.tgt_ids, enc.tgt_lens)
+                for f, lines in zip(text, enc.text or (), strict=True):
+                    f.writelines(line.replace("\n", " ").replace("\r", " ") + "\n" for line in lines)
+                reasons += np.bincount(enc.reason, minlength=len(reasons))
+                bar.update(len(enc.reason))
+            counts.append({
+                "name": part.source.name,
+                "read": len(part),
+                "kept": int(reasons[0]),
+                "dropped": {r: int(n) for r, n in zip(DROP_REASONS, reasons[1:], strict=True)},
+            })
+        tokens = [f.finish() for f in files]
+    finally:
+        bar.close()
+        for f in files:
+            f.discard()
+        for t in text:
+            t.close()
+    return {
+        "read": total,
+        "kept": sum(c["kept"] for c in counts),
+        "src_tokens": tokens[0],
+        "tgt_tokens": tokens[1],
+        "parts": counts,
+    }
+
+
+# --------------------------------------------------------------------------- subword models
 
 
 def _train_spm(sentences: Iterator[str], cfg: DataConfig) -> bytes:
@@ -155,63 +355,35 @@ def _train_spm(sentences: Iterator[str], cfg: DataConfig) -> bytes:
         ) from None
 
 
-def _sample_sentences(train: datasets.Dataset, cfg: DataConfig, sides: tuple[str, ...]) -> Iterator[str]:
-    """At most spm_max_sentences sentences from the given sides, sampled with a fixed seed."""
+SAMPLE_BATCH = 10_000  # kept pairs whose sides go to SentencePiece one side after the other
+
+
+def _sample_sentences(parts: list[sources.Split], cfg: DataConfig, sides: tuple[int, ...]) -> Iterator[str]:
+    """Sentences for SentencePiece: of at most spm_max_sentences // len(sides) training pairs,
+    chosen with a fixed seed over all sources (all of them when there are fewer), the stripped
+    sides of those with no empty side, in batches of SAMPLE_BATCH pairs, side by side."""
+    n = sum(map(len, parts))
     rows = max(1, cfg.spm_max_sentences // len(sides))
-    if len(train) > rows:
-        idx = np.sort(np.random.default_rng(0).choice(len(train), rows, replace=False))
-        train = train.select(idx)
-    for batch in train.select_columns(list(sides)).iter(batch_size=10_000):
-        for side in sides:
-            yield from (s for s in batch[side] if s)
-
-
-def _write_arrays(
-    ds: datasets.Dataset, out: Path, split: str, dtype: np.dtype, progress: bool = True
-) -> dict[str, int]:
-    """Stream the id lists of a split into flat memory-mapped arrays plus offsets."""
-    n = len(ds)
-    tokens = {}
-    for side in ("src", "tgt"):
-        col = ds.select_columns([f"{side}_ids"]).with_format("arrow")
-        offsets = np.lib.format.open_memmap(out / f"{split}.{side}.idx.npy", "w+", np.int64, (n + 1,))
-        offsets[0] = 0
-        pos, total = 1, 0
-        for table in col.iter(batch_size=50_000):
-            lens = pc.list_value_length(table.column(0)).to_numpy(zero_copy_only=False)
-            offsets[pos : pos + len(lens)] = total + np.cumsum(lens)
-            total += int(lens.sum())
-            pos += len(lens)
-        ids = np.lib.format.open_memmap(out / f"{split}.{side}.npy", "w+", dtype, (max(total, 1),))
-        start = 0
-        bar = tqdm(total=n, desc=f"writing {split}.{side}", unit="sent", leave=False, disable=not progress)
-        for table in col.iter(batch_size=50_000):
-            chunked = table.column(0)
-            values = pa.concat_arrays([c.flatten() for c in chunked.chunks]) if chunked.num_chunks else []
-            vals = np.asarray(values, dtype=dtype)
-            ids[start : start + len(vals)] = vals
-            start += len(vals)
-            bar.update(table.num_rows)
-        bar.close()
-        ids.flush()
-        offsets.flush()
-        del ids, offsets
-        tokens[side] = total
-    return tokens
-
-
-def _write_text(ds: datasets.Dataset, out: Path, split: str) -> None:
-    for side in ("src", "tgt"):
-        with open(out / f"{split}.{side}.txt", "w", encoding="utf-8", newline="\n") as f:
-            for batch in ds.select_columns([side]).iter(batch_size=10_000):
-                f.writelines(line.replace("\n", " ").replace("\r", " ") + "\n" for line in batch[side])
-
-
-def _count_reasons(ds: datasets.Dataset) -> np.ndarray:
-    counts = np.zeros(len(DROP_REASONS) + 1, dtype=np.int64)
-    for table in ds.select_columns(["reason"]).with_format("arrow").iter(batch_size=100_000):
-        counts += np.bincount(table.column(0).to_numpy(), minlength=len(counts))[: len(counts)]
-    return counts
+    picks = np.sort(np.random.default_rng(0).choice(n, rows, replace=False)) if n > rows else None
+    batch: list[tuple[str, str]] = []
+    seen = 0
+    for part in parts:
+        for src, tgt in part.chunks(CHUNK):
+            read = len(src)
+            if picks is not None:
+                lo, hi = np.searchsorted(picks, [seen, seen + read])
+                src, tgt = [src[i - seen] for i in picks[lo:hi]], [tgt[i - seen] for i in picks[lo:hi]]
+            seen += read
+            stripped = ((s.strip(), t.strip()) for s, t in zip(src, tgt, strict=True))
+            batch += [(s, t) for s, t in stripped if s and t]
+            while len(batch) >= SAMPLE_BATCH:
+                head, batch = batch[:SAMPLE_BATCH], batch[SAMPLE_BATCH:]
+                for side in sides:
+                    yield from (pair[side] for pair in head)
+            if picks is not None and seen > picks[-1]:  # the rest holds no picked pair
+                break
+    for side in sides:
+        yield from (pair[side] for pair in batch)
 
 
 # --------------------------------------------------------------------------- main
@@ -236,8 +408,8 @@ def cache_lock(out: Path) -> DirectoryLock:
 
 def _prepare_locked(cfg: Config, out: Path, force: bool, quiet: bool) -> Path:
     say = (lambda *a: None) if quiet else print
-    d = cfg.data
-    fp = fingerprint(d)
+    vocab = pretrained_vocab(cfg)
+    fp = fingerprint(cfg.data, vocab)
     if not force and is_up_to_date(cfg):
         say(f"{out}: up to date (fingerprint {fp}); nothing to do")
         return out
@@ -251,14 +423,12 @@ def _prepare_locked(cfg: Config, out: Path, force: bool, quiet: bool) -> Path:
     remove_stale(out.parent, f".{out.name}.*-*")  # temporary and old caches of killed runs
     tmp = temp_path(out, hidden=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    scratch = tmp / "scratch"
-    scratch.mkdir(parents=True)
+    tmp.mkdir(parents=True)
     was_enabled = datasets.is_progress_bar_enabled()
     if quiet:
         datasets.disable_progress_bars()
     try:
-        meta = _prepare_into(cfg, tmp, scratch, fp, say, progress=not quiet)
-        shutil.rmtree(scratch)
+        meta = _prepare_into(cfg, tmp, fp, vocab, say, progress=not quiet)
         meta["seconds"] = round(time.time() - t0, 2)
         (tmp / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         replace_dir(tmp, out)
@@ -277,95 +447,45 @@ def _prepare_locked(cfg: Config, out: Path, force: bool, quiet: bool) -> Path:
     return out
 
 
-def _prepare_into(cfg: Config, tmp: Path, scratch: Path, fp: str, say: Any, progress: bool) -> dict[str, Any]:
+def _prepare_into(
+    cfg: Config, tmp: Path, fp: str, vocab: Vocab | None, say: Any, progress: bool
+) -> dict[str, Any]:
     d = cfg.data
-    splits = sources.split_names(d)
-    if "train" not in splits:
-        raise DataError("data: no 'train' split configured")
-    say(f"preparing {d.src_lang}->{d.tgt_lang} from {d.local_dir if sources.use_local(d) else d.hub}")
+    plan = sources.plan(d)
+    say(f"preparing {d.src_lang}->{d.tgt_lang} from " + ", ".join(s.describe() for s in plan.train))
+    # Every split is opened (files checked, hub splits loaded) before anything is computed.
+    train = [sources.open_split(s, "train", d) for s in plan.train]
+    others = {s: sources.open_split(plan.eval, s, d) for s in plan.eval_splits}
 
-    raw = {s: sources.load_split(d, s, scratch) for s in splits}
-    for s, ds in raw.items():
-        if len(ds) == 0:
-            raise DataError(f"split '{s}' is empty")
-    stats: dict[str, dict[str, Any]] = {s: {"read": len(ds)} for s, ds in raw.items()}
-
-    # Clean: strip everywhere; drop empty pairs from the training split only.
-    clean = {}
-    for s, ds in raw.items():
-        ds = ds.map(
-            _strip, batched=True, cache_file_name=str(scratch / f"{s}.strip.arrow"), desc=f"strip {s}"
-        )
-        clean[s] = ds
-    n_before = len(clean["train"])
-    clean["train"] = clean["train"].filter(
-        lambda b: [bool(x) and bool(y) for x, y in zip(b["src"], b["tgt"], strict=True)],
-        batched=True,
-        cache_file_name=str(scratch / "train.nonempty.arrow"),
-        desc="drop empty pairs",
-    )
-    drops = {"empty": n_before - len(clean["train"])}
-    if len(clean["train"]) == 0:
-        raise DataError("training split: nothing left after dropping pairs with an empty side")
-
-    # Subword models.
     t = time.time()
-    if d.joint_vocab:
-        src_proto = _train_spm(_sample_sentences(clean["train"], d, ("src", "tgt")), d)
-        tgt_proto = src_proto
+    if vocab is not None:
+        src_proto, tgt_proto = vocab
+        how = f"from {cfg.train.init_from}"
     else:
-        src_proto = _train_spm(_sample_sentences(clean["train"], d, ("src",)), d)
-        tgt_proto = _train_spm(_sample_sentences(clean["train"], d, ("tgt",)), d)
-    tok = Tokenizer(src_proto, None if d.joint_vocab else tgt_proto)
-    say(
-        f"sentencepiece {d.spm_type}: vocab {tok.src_vocab_size}/{tok.tgt_vocab_size} "
-        f"in {time.time() - t:.1f}s"
-    )
+        src_proto, tgt_proto = _learn_subwords(train, d)
+        how = f"{d.spm_type}, learned"
+    tok = Tokenizer(src_proto, None if src_proto == tgt_proto else tgt_proto)
+    say(f"sentencepiece ({how}): vocab {tok.src_vocab_size}/{tok.tgt_vocab_size} in {time.time() - t:.1f}s")
     (tmp / "spm.src.model").write_bytes(src_proto)
     (tmp / "spm.tgt.model").write_bytes(tgt_proto)
 
-    # Encode (parallel for the big split) and drop over-long pairs from train.
     dtype = (
         np.dtype(np.uint16) if max(tok.src_vocab_size, tok.tgt_vocab_size) <= 65535 else np.dtype(np.int32)
     )
-    for s, ds in clean.items():
-        big = len(ds) >= 20_000
-        with _workers_die_with_this_process():
-            enc = ds.map(
-                _encode,
-                batched=True,
-                batch_size=2000,
-                num_proc=d.num_proc if big and d.num_proc > 1 else None,
-                remove_columns=["src", "tgt"],
-                fn_kwargs={
-                    "src_proto": src_proto,
-                    "tgt_proto": tgt_proto,
-                    "max_len": d.max_len,
-                    "max_ratio": d.max_ratio,
-                },
-                cache_file_name=str(scratch / f"{s}.enc.arrow"),
-                desc=f"encode {s}",
-            )
-        if s == "train":
-            counts = _count_reasons(enc)
-            drops["too_long"] = int(counts[2])
-            drops["ratio"] = int(counts[3])
-            enc = enc.filter(
-                lambda b: [r == 0 for r in b["reason"]],
-                batched=True,
-                cache_file_name=str(scratch / "train.kept.arrow"),
-                desc="drop long pairs",
-            )
-            if len(enc) == 0:
+    stats: dict[str, dict[str, Any]] = {}
+    for split, parts in [("train", train), *((s, [p]) for s, p in others.items())]:
+        encoder = _Encoder(src_proto, tgt_proto, dtype, d.max_len, d.max_ratio, clean=split == "train")
+        st = _write_arrays(parts, tmp, split, encoder, d.num_proc, progress)
+        part_counts = st.pop("parts")
+        if split == "train":
+            st["dropped"] = {r: sum(c["dropped"][r] for c in part_counts) for r in DROP_REASONS}
+            if st["kept"] == 0:
                 raise DataError(
-                    f"training split: nothing left after cleaning (dropped {drops}); "
+                    f"training split: nothing left after cleaning (dropped {st['dropped']}); "
                     f"check data.max_len ({d.max_len}) and data.max_ratio ({d.max_ratio})"
                 )
-        tokens = _write_arrays(enc, tmp, s, dtype, progress)
-        if s != "train":  # the raw text, for scoring against real references
-            _write_text(ds, tmp, s)
-        stats[s].update(kept=len(enc), src_tokens=tokens["src"], tgt_tokens=tokens["tgt"])
-    stats["train"]["dropped"] = drops
+            train_sources = part_counts
+        stats[split] = st
 
     save_config(cfg, tmp / "config.yaml")
     return {
@@ -374,12 +494,34 @@ def _prepare_into(cfg: Config, tmp: Path, scratch: Path, fp: str, say: Any, prog
         "fingerprint": fp,
         "src_lang": d.src_lang,
         "tgt_lang": d.tgt_lang,
-        "joint_vocab": d.joint_vocab,
+        "joint_vocab": tok.joint,
         "src_vocab_size": tok.src_vocab_size,
         "tgt_vocab_size": tok.tgt_vocab_size,
         "dtype": dtype.name,
         "splits": stats,
+        # In the order of the training split: source k holds the `kept` pairs after those before it.
+        "train_sources": train_sources,
     }
+
+
+def _learn_subwords(train: list[sources.Split], d: DataConfig) -> Vocab:
+    """SentencePiece model(s) learned from a sample of the training pairs."""
+    if d.joint_vocab:
+        proto = _train_spm(_nonempty(_sample_sentences(train, d, (0, 1))), d)
+        return proto, proto
+    return (
+        _train_spm(_nonempty(_sample_sentences(train, d, (0,))), d),
+        _train_spm(_nonempty(_sample_sentences(train, d, (1,))), d),
+    )
+
+
+def _nonempty(sentences: Iterator[str]) -> Iterator[str]:
+    """The sentences, or an error when there are none: SentencePiece's own would not say why."""
+    first = next(sentences, None)
+    if first is None:
+        raise DataError("training split: nothing left after dropping pairs with an empty side")
+    yield first
+    yield from sentences
 
 
 def summary(meta: dict[str, Any], out: Path) -> str:
@@ -393,4 +535,8 @@ def summary(meta: dict[str, Any], out: Path) -> str:
         lines.append(f"  {s:<20}{st['read']:>10}{st['kept']:>10}{st['src_tokens']:>12}{st['tgt_tokens']:>12}")
     drops = meta["splits"]["train"].get("dropped", {})
     lines.append("  train pairs dropped: " + ", ".join(f"{k} {v}" for k, v in drops.items()))
+    if len(meta.get("train_sources", [])) > 1:
+        for src in meta["train_sources"]:
+            dropped = ", ".join(f"{k} {v}" for k, v in src["dropped"].items())
+            lines.append(f"    {src['name']}: read {src['read']}, kept {src['kept']}; dropped {dropped}")
     return "\n".join(lines)

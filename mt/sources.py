@@ -1,15 +1,19 @@
-"""Where a parallel corpus comes from: local text files or a Hugging Face hub data set.
+"""Where parallel corpora come from: local text files or Hugging Face hub data sets.
 
-Both kinds end up as a `datasets.Dataset` with two string columns, `src` and
-`tgt`, so everything after loading is the same code. Local files are checked
-line by line first (UTF-8, equal line counts) so that a bad file is reported
-with its name and line number before anything is written.
+An experiment has one corpus (the single-source keys of `data`) or several (`data.sources`);
+either way `sources_of` gives a list of `Source`s, each local or hub, and `open_split` one of
+their splits as a `Split`: its number of pairs and its raw (src, tgt) lines in chunks, so
+that nothing downstream holds a whole corpus. Local files are checked line by line when a
+split is opened (UTF-8, equal line counts), so a bad file is reported with its name and line
+number before anything is written. Hub data sets are read through `datasets.load_dataset`
+(at a revision and in a folder of the repository if asked); every way that can fail is one
+line naming the data set, the split and the cause.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
-import hashlib
 import os
 import zlib
 from collections.abc import Iterator
@@ -17,11 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from mt.config import DataConfig
+from mt.config import DataConfig, SourceConfig
 from mt.errors import DataError
 
 if TYPE_CHECKING:  # imported where data is loaded: training from a prepared cache needs no `datasets`
     import datasets
+    import pyarrow as pa
+
+# The name of the one source an experiment without data.sources has.
+MAIN = "main"
+# What `datasets` (5.x) raises for a repository whose data needs a loading script.
+SCRIPT_REFUSED = "Dataset scripts are no longer supported"
+# Errors of a full disk: reported by `mt prepare` as such (naming the file), not as a load failure.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -33,26 +45,115 @@ class LocalPair:
     tgt: Path
 
 
-def use_local(cfg: DataConfig) -> bool:
-    """Local files win when their directory exists; the hub is the fallback."""
-    if cfg.local_dir and Path(cfg.local_dir).expanduser().is_dir():
-        return True
-    if cfg.hub is None:
-        raise DataError(f"data.local_dir: directory not found: {cfg.local_dir} (and no data.hub is set)")
-    return False
+@dataclass
+class Source:
+    """One corpus of the experiment, resolved: local files or a hub data set."""
+
+    cfg: SourceConfig
+    key: str  # where its keys are in the config, for error messages: "data" or "data.sources[i]"
+    local: bool
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def splits(self) -> dict[str, str]:
+        """Our split name -> file stem or hub split, of the kind in use."""
+        return self.cfg.local_splits if self.local else self.cfg.hub_splits
+
+    def describe(self) -> str:
+        c = self.cfg
+        if self.local:
+            return str(c.local_dir)
+        extra = [f"{k} {v}" for k, v in (("config", c.hub_config), ("revision", c.hub_revision),
+                                          ("data_dir", c.hub_data_dir)) if v]
+        return f"{c.hub}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+# --------------------------------------------------------------------------- which sources
+
+
+def source_configs(cfg: DataConfig) -> list[SourceConfig]:
+    """data.sources, or the one source the single-source keys describe."""
+    if cfg.sources:
+        return list(cfg.sources)
+    return [
+        SourceConfig(
+            name=MAIN,
+            local_dir=cfg.local_dir,
+            local_splits=cfg.local_splits,
+            hub=cfg.hub,
+            hub_config=cfg.hub_config,
+            hub_revision=cfg.hub_revision,
+            hub_data_dir=cfg.hub_data_dir,
+            hub_splits=cfg.hub_splits,
+            max_train_pairs=cfg.max_train_pairs,
+        )
+    ]
+
+
+def _key(cfg: DataConfig, i: int) -> str:
+    return f"data.sources[{i}]" if cfg.sources else "data"
+
+
+def _local_dir_exists(src: SourceConfig) -> bool:
+    return bool(src.local_dir) and Path(str(src.local_dir)).expanduser().is_dir()
+
+
+def _hub_is_local(src: SourceConfig) -> bool:
+    return src.hub is not None and Path(src.hub).expanduser().is_dir()
+
+
+def sources_of(cfg: DataConfig) -> list[Source]:
+    """The sources, each local when its directory exists, else from the hub."""
+    out = []
+    for i, src in enumerate(source_configs(cfg)):
+        key = _key(cfg, i)
+        if not _local_dir_exists(src) and src.hub is None:
+            raise DataError(
+                f"{key}.local_dir: directory not found: {src.local_dir} (and no {key}.hub is set)"
+            )
+        out.append(Source(src, key, _local_dir_exists(src)))
+    return out
+
+
+@dataclass
+class Plan:
+    """What is prepared: the training split from every source that has one (in this order in
+    the cache), the other splits (valid, test, ...) from the evaluation source."""
+
+    train: list[Source]
+    eval: Source
+
+    @property
+    def eval_splits(self) -> list[str]:
+        """The evaluation source's splits other than train: valid first, then by name."""
+        return sorted((s for s in self.eval.splits if s != "train"), key=lambda s: (s != "valid", s))
+
+    def parts(self) -> list[tuple[Source, str]]:
+        return [(s, "train") for s in self.train] + [(self.eval, s) for s in self.eval_splits]
+
+
+def plan(cfg: DataConfig) -> Plan:
+    srcs = sources_of(cfg)
+    train = [s for s in srcs if "train" in s.splits]
+    if not train:
+        raise DataError("data: no source has a 'train' split (in the local_splits or hub_splits it uses)")
+    return Plan(train, next((s for s in srcs if s.name == cfg.eval_source), srcs[0]))
 
 
 def inputs_reachable(cfg: DataConfig) -> bool:
-    """Whether the corpus can be read now: its local directory exists, or the hub is not offline."""
-    if cfg.local_dir and Path(cfg.local_dir).expanduser().is_dir():
-        return True
-    return cfg.hub is not None and not os.environ.get("HF_HUB_OFFLINE")
+    """Whether every corpus can be read now: its local directory exists, its hub data set is a
+    local directory, or the hub is not offline."""
+    offline = bool(os.environ.get("HF_HUB_OFFLINE"))
+    return all(
+        _local_dir_exists(s) or _hub_is_local(s) or (s.hub is not None and not offline)
+        for s in source_configs(cfg)
+    )
 
 
-def split_names(cfg: DataConfig) -> list[str]:
-    """Our split names, train first."""
-    names = list(cfg.local_splits if use_local(cfg) else cfg.hub_splits)
-    return sorted(names, key=lambda s: (s != "train", s != "valid", s))
+# --------------------------------------------------------------------------- local files
 
 
 def _find(directory: Path, stem: str, lang: str) -> Path:
@@ -63,13 +164,10 @@ def _find(directory: Path, stem: str, lang: str) -> Path:
     raise DataError(f"missing corpus file: {tried[0]} (also tried {tried[1].name})")
 
 
-def local_files(cfg: DataConfig) -> list[LocalPair]:
-    assert cfg.local_dir is not None
-    d = Path(cfg.local_dir).expanduser()
-    return [
-        LocalPair(split, _find(d, stem, cfg.src_lang), _find(d, stem, cfg.tgt_lang))
-        for split, stem in cfg.local_splits.items()
-    ]
+def local_pair(src: Source, split: str, src_lang: str, tgt_lang: str) -> LocalPair:
+    d = Path(str(src.cfg.local_dir)).expanduser()
+    stem = src.cfg.local_splits[split]
+    return LocalPair(split, _find(d, stem, src_lang), _find(d, stem, tgt_lang))
 
 
 def _open(path: Path) -> IO[bytes]:
@@ -104,96 +202,212 @@ def check_pair(pair: LocalPair) -> int:
     return counts[0]
 
 
-def _pair_rows(src: str, tgt: str, limit: int) -> Iterator[dict[str, str]]:
-    for i, (s, t) in enumerate(zip(_lines(Path(src)), _lines(Path(tgt)), strict=True)):
-        if limit and i >= limit:
-            return
-        yield {"src": s, "tgt": t}
-
-
 def file_fingerprint(path: Path) -> str:
     st = path.stat()
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def load_local(pair: LocalPair, cache_dir: Path, limit: int = 0) -> datasets.Dataset:
-    """A local split as a Dataset(src, tgt), written to Arrow files under cache_dir."""
+# --------------------------------------------------------------------------- splits
+
+
+class Split:
+    """One split of one source: `len()` pairs, read in chunks of raw (src, tgt) lines."""
+
+    def __init__(self, source: Source, split: str, n: int) -> None:
+        self.source, self.split, self.n = source, split, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def chunks(self, size: int) -> Iterator[tuple[list[str], list[str]]]:
+        raise NotImplementedError
+
+
+class LocalSplit(Split):
+    def __init__(self, source: Source, pair: LocalPair, limit: int) -> None:
+        n = check_pair(pair)
+        super().__init__(source, pair.split, min(n, limit) if limit else n)
+        self.pair = pair
+
+    def chunks(self, size: int) -> Iterator[tuple[list[str], list[str]]]:
+        src: list[str] = []
+        tgt: list[str] = []
+        for i, (s, t) in enumerate(zip(_lines(self.pair.src), _lines(self.pair.tgt), strict=True)):
+            if i >= self.n:
+                break
+            src.append(s)
+            tgt.append(t)
+            if len(src) == size:
+                yield src, tgt
+                src, tgt = [], []
+        if src:
+            yield src, tgt
+
+
+class HubSplit(Split):
+    def __init__(
+        self, source: Source, split: str, ds: datasets.Dataset, src_lang: str, tgt_lang: str
+    ) -> None:
+        super().__init__(source, split, len(ds))
+        self.ds, self.src_lang, self.tgt_lang = ds, src_lang, tgt_lang
+
+    def _tables(self) -> Iterator[pa.Table | pa.RecordBatch]:
+        """The rows in order, from the data set's Arrow files by plain reads when it has files:
+        iterating its memory-mapped table would leave every page of a multi-GB file resident
+        in this process. The data set is those files' first len() rows (a whole split, or the
+        first max_train_pairs of it)."""
+        import pyarrow as pa
+
+        files = [f["filename"] for f in self.ds.cache_files]
+        if not files:  # held in memory
+            yield from self.ds.with_format("arrow").iter(batch_size=10_000)
+            return
+        for name in files:
+            with pa.OSFile(name) as f:
+                yield from pa.ipc.open_stream(f)
+
+    def _columns(self, table: pa.Table | pa.RecordBatch) -> tuple[list[str], list[str]]:
+        import pyarrow.compute as pc
+
+        if "translation" in table.column_names:
+            pairs = table.column("translation")
+            cols = [pc.struct_field(pairs, lang) for lang in (self.src_lang, self.tgt_lang)]
+        else:
+            cols = [table.column(lang) for lang in (self.src_lang, self.tgt_lang)]
+        src, tgt = ([s or "" for s in c.to_pylist()] for c in cols)  # a missing side is empty
+        return src, tgt
+
+    def chunks(self, size: int) -> Iterator[tuple[list[str], list[str]]]:
+        src: list[str] = []
+        tgt: list[str] = []
+        left = self.n
+        for table in self._tables():
+            if left <= 0:
+                break
+            s, t = self._columns(table.slice(0, left))
+            left -= len(s)
+            src += s
+            tgt += t
+            while len(src) >= size:
+                yield src[:size], tgt[:size]
+                src, tgt = src[size:], tgt[size:]
+        if src:
+            yield src, tgt
+
+
+def open_split(src: Source, split: str, data: DataConfig) -> Split:
+    """A split of a source, checked (local files) or loaded (hub); the training split keeps the
+    source's first max_train_pairs pairs when that is set."""
+    limit = src.cfg.max_train_pairs if split == "train" else 0
+    if src.local:
+        pair = local_pair(src, split, data.src_lang, data.tgt_lang)
+        opened = LocalSplit(src, pair, limit)
+        if len(opened) == 0:
+            raise DataError(f"split '{split}' is empty{_of(src)}: {pair.src} and {pair.tgt} have no lines")
+        return opened
+    ds = _check_columns(_load_hub(src, split), src, split, data)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    if len(ds) == 0:
+        raise DataError(f"split '{split}' is empty{_of(src)}: {src.describe()} has no rows in it")
+    return HubSplit(src, split, ds, data.src_lang, data.tgt_lang)
+
+
+def _of(src: Source) -> str:
+    return "" if src.name == MAIN else f" in source '{src.name}'"
+
+
+# --------------------------------------------------------------------------- the hub
+
+
+def _load_hub(src: Source, split: str) -> datasets.Dataset:
     import datasets
 
-    if check_pair(pair) == 0:
-        raise DataError(f"split '{pair.split}' is empty: {pair.src} and {pair.tgt} have no lines")
-    features = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
-    return datasets.Dataset.from_generator(
-        _pair_rows,
-        features=features,
-        cache_dir=str(cache_dir),
-        # The fingerprints make the generator's cache key change with the files.
-        gen_kwargs={"src": str(pair.src), "tgt": str(pair.tgt), "limit": limit},
-        fingerprint=hashlib.sha1(
-            f"{file_fingerprint(pair.src)}|{file_fingerprint(pair.tgt)}|{limit}".encode()
-        ).hexdigest(),
-    )
-
-
-def _to_pairs(batch: dict[str, list], src_lang: str, tgt_lang: str) -> dict[str, list[str]]:
-    if "translation" in batch:
-        rows = batch["translation"]
-        return {"src": [r[src_lang] or "" for r in rows], "tgt": [r[tgt_lang] or "" for r in rows]}
-    return {"src": [s or "" for s in batch[src_lang]], "tgt": [t or "" for t in batch[tgt_lang]]}
-
-
-def load_hub(cfg: DataConfig, split: str, cache_dir: Path) -> datasets.Dataset:
-    """A hub split (or a local directory in the hub's layout) as a Dataset(src, tgt)."""
-    import datasets
-
-    assert cfg.hub is not None
-    hub_split = cfg.hub_splits[split]
+    c, key = src.cfg, src.key
+    hub_split = src.splits[split]
     try:
-        ds = datasets.load_dataset(cfg.hub, cfg.hub_config, split=hub_split)
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        where = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "is the hub reachable?"
-        if cfg.local_dir:
-            where += f"; data.local_dir {cfg.local_dir} does not exist, so the hub was tried"
+        return datasets.load_dataset(
+            c.hub, c.hub_config, revision=c.hub_revision, data_dir=c.hub_data_dir, split=hub_split
+        )
+    except Exception as e:  # `datasets` fails in many ways (RuntimeError, ValueError, its own errors)
+        cause = e
+    chain = _chain(cause)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:  # `mt prepare` says "disk full", naming the file
+            raise e from None
+    reason = " ".join(str(cause).split())
+    if isinstance(cause, RuntimeError) and SCRIPT_REFUSED in reason:
+        script = reason.rsplit(" ", 1)[-1]
+        at = f" at revision {c.hub_revision}" if c.hub_revision else ""
         raise DataError(
-            f"data.hub: cannot load '{cfg.hub}' (config {cfg.hub_config}, split '{hub_split}'): "
-            f"{type(e).__name__}: {e} ({where})"
+            f"{key}.hub: '{c.hub}'{at} needs a loading script ({script}), which datasets "
+            f"{datasets.__version__} no longer runs; read the hub's parquet conversion instead: "
+            f"{key}.hub_revision=refs/convert/parquet, {key}.hub_data_dir=<its folder for your "
+            f"config, e.g. iwslt2017-de-en> and no {key}.hub_config"
         ) from None
+    if chain[-1] is not cause:  # e.g. DatasetGenerationError: what went wrong is in its cause
+        reason += f" ({type(chain[-1]).__name__}: {' '.join(str(chain[-1]).split())})"
+    where = ""
+    if isinstance(cause, ConnectionError):
+        where = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else " (is the hub reachable?)"
+        if c.local_dir:
+            where += f"; {key}.local_dir {c.local_dir} does not exist, so the hub was tried"
+    raise DataError(
+        f"{key}.hub: cannot load '{src.describe()}', split '{hub_split}': "
+        f"{type(cause).__name__}: {reason}{where}"
+    ) from None
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """An exception and those it was raised from or during, outermost first."""
+    chain = [e]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    return chain
+
+
+def _check_columns(ds: datasets.Dataset, src: Source, split: str, data: DataConfig) -> datasets.Dataset:
+    key, hub_split, langs = src.key, src.splits[split], (data.src_lang, data.tgt_lang)
     cols = set(ds.column_names)
-    if "translation" not in cols and not {cfg.src_lang, cfg.tgt_lang} <= cols:
+    if "translation" not in cols and not set(langs) <= cols:
         raise DataError(
-            f"data.hub: '{cfg.hub}' split '{hub_split}' has columns {sorted(cols)}; expected "
-            f"'translation' or '{cfg.src_lang}' and '{cfg.tgt_lang}'"
+            f"{key}.hub: '{src.describe()}' split '{hub_split}' has columns {sorted(cols)}; expected "
+            f"'translation' or '{langs[0]}' and '{langs[1]}'"
         )
     if "translation" in cols:
-        langs = (
-            set(ds.features["translation"].keys()) if hasattr(ds.features["translation"], "keys") else set()
-        )
-        if langs and not {cfg.src_lang, cfg.tgt_lang} <= langs:
+        feature = ds.features["translation"]
+        have = set(feature.keys()) if hasattr(feature, "keys") else set()
+        if have and not set(langs) <= have:
             raise DataError(
-                f"data.hub: '{cfg.hub}' has languages {sorted(langs)}, not "
-                f"data.src_lang '{cfg.src_lang}' and data.tgt_lang '{cfg.tgt_lang}'"
+                f"{key}.hub: '{src.describe()}' has languages {sorted(have)}, not "
+                f"data.src_lang '{langs[0]}' and data.tgt_lang '{langs[1]}'"
             )
-    if split == "train" and cfg.max_train_pairs:
-        ds = ds.select(range(min(cfg.max_train_pairs, len(ds))))
-    return ds.map(
-        _to_pairs,
-        batched=True,
-        remove_columns=ds.column_names,
-        fn_kwargs={"src_lang": cfg.src_lang, "tgt_lang": cfg.tgt_lang},
-        cache_file_name=str(cache_dir / f"{split}.pairs.arrow"),
-        desc=f"reading {split}",
-    )
+    return ds
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _tree_fingerprint(root: Path) -> list[str]:
+    """A hub data set that is a local directory: its data files, so that editing one prepares again."""
+    return [
+        f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
 
 
 def source_fingerprint(cfg: DataConfig) -> list[str]:
-    """What identifies the inputs: file paths, sizes and times, or the hub name."""
-    if use_local(cfg):
-        return [f"{p.split}={file_fingerprint(p.src)}|{file_fingerprint(p.tgt)}" for p in local_files(cfg)]
-    return [f"hub={cfg.hub}|{cfg.hub_config}|{sorted(cfg.hub_splits.items())}"]
-
-
-def load_split(cfg: DataConfig, split: str, cache_dir: Path) -> datasets.Dataset:
-    if use_local(cfg):
-        pair = next(p for p in local_files(cfg) if p.split == split)
-        return load_local(pair, cache_dir, limit=cfg.max_train_pairs if split == "train" else 0)
-    return load_hub(cfg, split, cache_dir)
+    """What identifies the inputs: file paths, sizes and times, or the hub data set."""
+    out = []
+    for src, split in plan(cfg).parts():
+        c = src.cfg
+        if src.local:
+            p = local_pair(src, split, cfg.src_lang, cfg.tgt_lang)
+            out.append(f"{src.name}:{split}={file_fingerprint(p.src)}|{file_fingerprint(p.tgt)}")
+        else:
+            out.append(f"{src.name}:{split}=hub:{c.hub}|{c.hub_config}|{c.hub_revision}|{c.hub_data_dir}|"
+                       f"{c.hub_splits[split]}")
+            if _hub_is_local(c):
+                out += _tree_fingerprint(Path(str(c.hub)).expanduser())
+    return out

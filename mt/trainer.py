@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from mt.alignment import cross_attention
-from mt.batching import Batch, TokenBatcher, make_batch
+from mt.batching import Batch, Mixture, TokenBatcher, make_batch
 from mt.board import TensorBoard
 from mt.checkpoint import (
     keep_last,
@@ -51,7 +51,7 @@ from mt.loss import label_smoothed_nll
 from mt.model import Transformer
 from mt.prepare import is_up_to_date, prepare, read_meta
 from mt.schedule import lr_at, set_lr
-from mt.sources import inputs_reachable
+from mt.sources import inputs_reachable, source_configs
 from mt.translator import _pad as pad_sources
 from mt.translator import translate_ids
 
@@ -62,16 +62,36 @@ BOARD_SENTENCES = 3  # validation sentences whose attention TensorBoard shows
 DATA_KEYS_OF_IDS = {
     f"data.{k}"
     for k in (
-        "src_lang", "tgt_lang", "local_dir", "local_splits", "hub", "hub_config", "hub_splits",
-        "max_train_pairs", "spm_type", "joint_vocab", "vocab_size", "character_coverage",
-        "spm_max_sentences",
+        "src_lang", "tgt_lang", "local_dir", "local_splits", "hub", "hub_config", "hub_revision",
+        "hub_data_dir", "hub_splits", "max_train_pairs", "sources", "eval_source", "spm_type",
+        "joint_vocab", "vocab_size", "character_coverage", "spm_max_sentences",
     )
-}
+} | {"train.init_from"}  # whose subword models encode the data
+# Model settings a fine-tuning run may change: the rest decide the shapes of the weights.
+FREE_WHEN_FINE_TUNING = {"model.dropout", "model.attention_dropout", "model.activation_dropout"}
 
 
 def flatten(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
-    return {f"{s}.{k}": v for s, values in sections.items() for k, v in values.items()}
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; data.sources becomes its list of names and one
+    key per source setting (data.sources.<name>.<key>), so that a changed weight is told apart
+    from a changed corpus."""
+    flat = {}
+    for s, values in sections.items():
+        for k, v in values.items():
+            if (s, k) == ("data", "sources"):
+                flat["data.sources"] = [src["name"] for src in v]
+                flat |= {f"data.sources.{src['name']}.{sk}": sv for src in v for sk, sv in src.items()}
+            else:
+                flat[f"{s}.{k}"] = v
+    return flat
+
+
+def changes_ids(key: str) -> bool:
+    """Whether a flattened setting changes what the token ids of the prepared data mean. A source's
+    weight does not: it changes how often an epoch shows its pairs, like a batch size would."""
+    if key.startswith("data.sources."):
+        return not key.endswith(".weight")
+    return key in DATA_KEYS_OF_IDS
 
 
 @dataclass
@@ -170,7 +190,8 @@ class Trainer:
             self.data = self._build_data()
             self.train_split = self.data.split("train")
             self.valid_split = self.data.split("valid") if "valid" in self.data.meta["splits"] else None
-            self.raw_model = self._build_model()  # seeds the RNGs: weights depend on train.seed only
+            # Seeds the RNGs: weights depend on train.seed only, or are train.init_from's.
+            self.raw_model = self._build_model(fresh=last is None)
             self.optimizer = self._build_optimizer()
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
             self.state = TrainState()
@@ -232,7 +253,7 @@ class Trainer:
         then, now = flatten(ck["config"]), flatten(to_dict(self.cfg))
         changed = {k: (then[k], v) for k, v in now.items() if k in then and then[k] != v}
         model = {k: c for k, c in changed.items() if k.startswith("model.")}
-        data = {k: c for k, c in changed.items() if k in DATA_KEYS_OF_IDS}
+        data = {k: c for k, c in changed.items() if changes_ids(k)}
         for fixed, what in ((model, "a different model config"), (data, "other data")):
             if fixed:
                 shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in fixed.items())
@@ -269,7 +290,7 @@ class Trainer:
         self.dist.barrier()
         return load_prepared(directory)
 
-    def _build_model(self) -> Transformer:
+    def _build_model(self, fresh: bool) -> Transformer:
         seed = self.cfg.train.seed
         # Seed everything before the model exists, so initial weights depend on the seed only.
         random.seed(seed)
@@ -277,9 +298,44 @@ class Trainer:
         torch.manual_seed(seed)
         tok = self.data.tokenizer
         model = Transformer(self.cfg.model, tok.src_vocab_size, tok.tgt_vocab_size).to(self.device)
+        if fresh and self.cfg.train.init_from:  # a resumed run has its own weights
+            self._init_weights(model)
         # Every rank starts from the same weights, but each draws its own dropout masks.
         torch.manual_seed(seed + 1000 * self.dist.rank)
         return model
+
+    def _init_weights(self, model: Transformer) -> None:
+        """Fine-tuning: the weights of train.init_from, which must fit this model config and the
+        prepared token ids (prepared with its subword models); optimizer and schedule start afresh."""
+        path = self.cfg.train.init_from
+        try:
+            ck = load_checkpoint(path, map_location="cpu")
+        except CheckpointError as e:
+            raise CheckpointError(f"train.init_from: {e}") from None
+        then, now = flatten({"model": ck["config"]["model"]}), flatten({"model": to_dict(self.cfg)["model"]})
+        shape = {k: (then[k], v) for k, v in now.items()
+                 if k in then and then[k] != v and k not in FREE_WHEN_FINE_TUNING}
+        if shape:
+            shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in shape.items())
+            raise CheckpointError(
+                f"train.init_from: {path} has another model shape ({shown}, checkpoint -> config); "
+                f"give the model section the checkpoint's values"
+            )
+        tok = self.data.tokenizer
+        if (ck["spm_src"], ck["spm_tgt"]) != (tok.src_proto, tok.tgt_proto):
+            raise CheckpointError(
+                f"train.init_from: the prepared data in {self.cfg.prepared_dir} has other subword models "
+                f"than {path} (prepared without it, and its corpus out of reach?); its token ids would "
+                f"mean other words to the model"
+            )
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError as e:  # load_state_dict lists every mismatch; the first says enough
+            raise CheckpointError(f"train.init_from: {path} does not fit the model: "
+                                  f"{str(e).strip().splitlines()[0]}") from None
+        if self.dist.is_main:
+            print(f"mt train: starting from the weights of {path} (step {ck['state'].get('step', '?')} "
+                  f"of its run), with a fresh optimizer and schedule")
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         # No weight decay on biases, norms and embeddings' padding-free 1-D parameters.
@@ -342,9 +398,24 @@ class Trainer:
                 t.seed,
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
+                mixture=self._mixture(),
             )
         except ValueError as e:
             raise MTError(f"train.max_tokens: {e}") from None
+
+    def _mixture(self) -> Mixture | None:
+        """The training split's sources (from the cache) with their weights (from the config)."""
+        parts = self.data.train_sources()
+        weights = {s.name: s.weight for s in source_configs(self.cfg.data)}
+        unknown = [name for name, _ in parts if name not in weights]
+        if unknown:  # a cache used as it is, its corpus out of reach, prepared from other sources
+            raise MTError(
+                f"data.sources: the prepared data in {self.cfg.prepared_dir} holds source(s) "
+                f"{', '.join(unknown)}, which the config does not name"
+            )
+        if not parts:  # a cache written before sources were recorded: every pair once
+            return None
+        return Mixture(tuple(n for _, n in parts), tuple(weights[name] for name, _ in parts))
 
     # ------------------------------------------------------------------ checkpoints
 

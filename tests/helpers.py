@@ -223,3 +223,101 @@ def run_mt(args: list[str], cwd: Path, env: dict[str, str], fault: str | None = 
     """`python -m mt ARGS`, or the same through the fault driver with FAULT (see fault_driver.py)."""
     cmd = [sys.executable, str(DRIVER), fault, *args] if fault else [sys.executable, "-m", "mt", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- copies of hub repositories
+# The hub is out of reach: its data sets are tested on local directories laid out exactly like
+# their repositories (at the revision the configs name), which `datasets.load_dataset` reads
+# through the same call. Named like the repository (`IWSLT/iwslt2017`) under a directory that is
+# the working directory of the test, a shipped config's `data.hub` names the copy as written.
+
+
+@functools.lru_cache(maxsize=16)
+def multi30k_lines(stem: str, lang: str) -> tuple[str, ...]:
+    """The lines of a Multi30k file, e.g. ("train", "de"); read only."""
+    with gzip.open(MULTI30K / f"{stem}.{lang}.gz", "rt", encoding="utf-8") as f:
+        return tuple(f.read().splitlines())
+
+
+def multi30k_rows(stem: str, langs: tuple[str, str], start: int, n: int) -> list[dict[str, str]]:
+    """Rows of a `translation` column: {lang: text} for Multi30k lines start .. start + n - 1."""
+    cols = [multi30k_lines(stem, lang)[start : start + n] for lang in langs]
+    return [dict(zip(langs, texts, strict=True)) for texts in zip(*cols, strict=True)]
+
+
+def write_parquet(path: Path, rows: list[dict[str, str]]) -> None:
+    """A parquet file with one struct column `translation`, as the hub's data sets have."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"translation": rows}), path)
+
+
+# Pairs in each split of a copy: a few hundred Multi30k pairs, and the Multi30k split they come from.
+HUB_SPLITS = {"train": ("train", 300), "validation": ("val", 20), "test": ("test_2016_flickr", 20)}
+
+
+def _split_rows(split: str, langs: tuple[str, str]) -> list[dict[str, str]]:
+    stem, n = HUB_SPLITS[split]
+    return multi30k_rows(stem, langs, 0, n)
+
+
+def _parquet_conversion(repo: Path, folders: dict[str, tuple[str, str]]) -> None:
+    """The layout of `refs/convert/parquet`: {config folder}/{split}/0000.parquet, one config."""
+    for folder, langs in folders.items():
+        for split in HUB_SPLITS:
+            write_parquet(repo / folder / split / "0000.parquet", _split_rows(split, langs))
+        # Some snapshots of the conversion have a duckdb index beside the parquet file.
+        (repo / folder / "test" / "index.duckdb").write_bytes(b"DUCK")
+
+
+def iwslt2017_repository(root: Path, revision: str) -> Path:
+    """IWSLT/iwslt2017 at `main` (its loading script and card) or at `refs/convert/parquet`."""
+    repo = root / "IWSLT" / "iwslt2017"
+    repo.mkdir(parents=True)
+    if revision == "main":
+        (repo / "iwslt2017.py").write_text('"""IWSLT 2017 dataset (a loading script)"""\nimport datasets\n')
+        (repo / "README.md").write_text("---\nlicense: cc-by-nc-nd-4.0\n---\n# IWSLT 2017\n")
+    else:
+        _parquet_conversion(repo, {"iwslt2017-de-en": ("de", "en"), "iwslt2017-fr-en": ("fr", "en")})
+    return repo
+
+
+def iwslt14_repository(root: Path, revision: str) -> Path:
+    """bbaaaa/iwslt14-de-en at `main` (a loading script and a zip) or at `refs/convert/parquet`."""
+    repo = root / "bbaaaa" / "iwslt14-de-en"
+    repo.mkdir(parents=True)
+    if revision == "main":
+        (repo / "iwslt14-de-en.py").write_text('"""IWSLT 2014 (a loading script)"""\nimport datasets\n')
+        (repo / "data").mkdir()
+        (repo / "data" / "de-en.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    else:
+        _parquet_conversion(repo, {"de-en": ("de", "en")})
+    return repo
+
+
+WMT14_CARD = """---
+configs:
+{configs}
+---
+# Dataset Card for wmt14
+"""
+
+
+def wmt14_repository(root: Path) -> Path:
+    """wmt/wmt14 at `main`: parquet files per config folder, named in the card's configs."""
+    repo = root / "wmt" / "wmt14"
+    configs = []
+    for config, langs in (("de-en", ("de", "en")), ("fr-en", ("fr", "en"))):
+        configs.append(f"- config_name: {config}\n  data_files:")
+        for split in HUB_SPLITS:
+            shards = 3 if split == "train" else 1
+            rows = _split_rows(split, langs)
+            cuts = [k * len(rows) // shards for k in range(shards + 1)]
+            for k in range(shards):  # in order: the shards together are the split as written
+                name = f"{split}-{k:05d}-of-{shards:05d}.parquet"
+                write_parquet(repo / config / name, rows[cuts[k] : cuts[k + 1]])
+            configs.append(f"  - split: {split}\n    path: {config}/{split}-*")
+    (repo / "README.md").write_text(WMT14_CARD.format(configs="\n".join(configs)))
+    return repo

@@ -7,7 +7,7 @@ import pytest
 from helpers import REPO
 
 from mt.cli import main
-from mt.config import Config, load_config, parse_override, save_config, to_dict
+from mt.config import Config, SourceConfig, load_config, parse_override, save_config, to_dict
 from mt.errors import ConfigError
 
 
@@ -18,9 +18,16 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_shipped_configs_load():
-    for name in ("multi30k_de_en", "iwslt2017_de_en", "tiny"):
+    for name in ("multi30k_de_en", "iwslt2017_de_en", "iwslt14_de_en", "wmt14_en_de", "tiny"):
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert cfg.name == name
+    wmt = load_config(REPO / "configs" / "wmt14_en_de.yaml")  # Transformer base, shared 32k vocabulary
+    m = wmt.model
+    assert (m.layers, m.decoder_layers or m.layers, m.d_model, m.heads, m.ffn_dim) == (6, 6, 512, 8, 2048)
+    assert (wmt.data.vocab_size, wmt.data.joint_vocab, m.tie_embeddings) == (32000, True, True)
+    iwslt14 = load_config(REPO / "configs" / "iwslt14_de_en.yaml")  # fairseq's transformer_iwslt_de_en
+    m = iwslt14.model
+    assert (m.layers, m.d_model, m.heads, m.ffn_dim, m.dropout) == (6, 512, 4, 1024, 0.3)
     iwslt = load_config(REPO / "configs" / "iwslt2017_de_en.yaml")
     assert (iwslt.model.layers, iwslt.model.d_model, iwslt.model.heads, iwslt.model.ffn_dim) == (
         6,
@@ -178,3 +185,58 @@ def test_missing_or_undecodable_config_via_the_cli(tmp_path, capsys):
     assert main(["prepare", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "latin1.yaml: not valid YAML" in err
+
+
+# --------------------------------------------------------------------------- several sources
+
+
+SOURCES = (
+    "data:\n  sources:\n    - {name: a, local_dir: x, weight: 2}\n"
+    "    - {name: b, hub: org/set, hub_revision: r}\n"
+)
+
+
+def test_sources_are_a_list_of_source_sections_that_save_and_reload(tmp_path):
+    cfg = load_config(write(tmp_path, SOURCES + "  eval_source: b\n"))
+    a, b = cfg.data.sources
+    assert (a.name, a.local_dir, a.weight, a.local_splits) == ("a", "x", 2.0, SourceConfig().local_splits)
+    assert (b.hub, b.hub_revision, b.weight) == ("org/set", "r", 1.0) and cfg.data.eval_source == "b"
+    out = tmp_path / "saved" / "exp.yaml"
+    out.parent.mkdir()
+    save_config(cfg, out)
+    assert to_dict(load_config(out)) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "text, override, message",
+    [
+        ("", "data.sources=[{name: a, local_dirr: x}]",
+         "data.sources[0]: unknown key 'local_dirr' (did you mean 'local_dir'?)"),
+        ("", "data.sources=3", "data.sources: 3 is not a valid value; expected a list of mappings"),
+        ("", "data.sources=[x]", "data.sources[0]: 'x' is not a valid value; expected a mapping"),
+        ("", "data.sources=[{name: a, local_dir: x, weight: heavy}]",
+         "data.sources[0].weight: 'heavy' is not a valid value; expected float"),
+        ("", "data.sources=[{name: a, local_dir: x}, {name: a, hub: y}]",
+         "data.sources[1].name: 'a' is given twice"),
+        ("", "data.sources=[{local_dir: x}]", "data.sources[0].name: '': letters, digits"),
+        ("", "data.sources=[{name: a}]", "data.sources[0]: set local_dir or hub"),
+        ("", "data.sources=[{name: a, local_dir: x, weight: 0}]", "data.sources[0].weight: must be > 0"),
+        ("", "data.sources=[{name: a, local_dir: x, local_splits: {valid: v}, hub_splits: {}}]",
+         "data.sources: no source has a 'train' split"),
+        ("  eval_source: c\n", None, "data.eval_source: 'c' is not a source; sources are a, b"),
+        ("  local_dir: y\n", None, "data.local_dir: not used with data.sources"),
+        ("  max_train_pairs: 9\n", None,
+         "data.max_train_pairs: not used with data.sources; give it per source"),
+    ],
+)
+def test_source_mistakes_name_the_source_and_key(tmp_path, text, override, message):
+    p = write(tmp_path, (SOURCES + text) if override is None else "data:\n  local_dir: x\n")
+    overrides = [] if override is None else ["data.local_dir=null", override]
+    with pytest.raises(ConfigError) as e:
+        load_config(p, overrides)
+    assert message in str(e.value)
+
+
+def test_an_eval_source_needs_sources(tmp_path):
+    with pytest.raises(ConfigError, match="data.eval_source: names one of data.sources, and there are none"):
+        load_config(write(tmp_path, "data:\n  local_dir: x\n  eval_source: a\n"))

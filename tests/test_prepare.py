@@ -218,11 +218,13 @@ def test_a_full_disk_while_preparing_is_one_line_and_keeps_the_cache(tmp_path, m
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "disk" / "file"))
 
+    overrides = ["data.vocab_size=50"]
     if where == "our arrays":
         monkeypatch.setattr("mt.prepare._write_arrays", full)
-    else:  # the Arrow files `datasets` writes for each map/filter
-        monkeypatch.setattr(datasets.arrow_writer.ArrowWriter, "write_batch", full)
-    assert main(["prepare", str(tmp_path / "exp.yaml"), "data.vocab_size=50"]) == 2
+    else:  # the Arrow files `datasets` writes for a hub data set it loads
+        monkeypatch.setattr(datasets.arrow_writer.ArrowWriter, "write_table", full)
+        overrides += [f"data.hub={_hub_layout(tmp_path / 'hub')}", "data.local_dir=null"]
+    assert main(["prepare", str(tmp_path / "exp.yaml"), *overrides]) == 2
     line = error_line(capsys.readouterr().err, "prepare")
     assert f"cannot write {tmp_path / 'disk' / 'file'}: No space left on device" in line
     assert f"the prepared cache {out} is as it was" in line
@@ -422,14 +424,13 @@ def test_workers_die_with_a_killed_prepare(tmp_path, mt_env):
                             stderr=subprocess.DEVNULL)
     children = Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children"  # its main thread's
     try:
-        # datasets.map(num_proc=2) forks two workers, then a manager process for their results;
-        # from then on they wait for each other (they share pipes) if their parent is killed.
+        # Encoding forks two workers, which would wait for work forever if their parent is killed.
         forked: list[str] = []
         deadline = time.monotonic() + 120
-        while len(forked) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        while len(forked) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
-            forked = children.read_text().split()  # cheap, and the map lasts a moment only
-        assert len(forked) >= 3, f"no workers seen (prepare's exit status: {proc.poll()})"
+            forked = children.read_text().split()  # cheap, and encoding lasts a moment only
+        assert len(forked) >= 2, f"no workers seen (prepare's exit status: {proc.poll()})"
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 10
@@ -490,3 +491,61 @@ def test_arrays_are_compact_and_memory_mapped(tmp_path):
     assert train.src_ids.dtype == np.uint16 and isinstance(train.src_ids, np.memmap)
     assert train.src_idx[0] == 0 and np.all(np.diff(train.src_idx) >= 0)
     assert datasets.__version__  # prepared through datasets
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+
+def _cache_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".npy", ".txt", ".model")}
+
+
+def test_chunked_encoding_in_worker_processes_writes_the_same_cache(tmp_path, monkeypatch):
+    corpus = make_corpus(tmp_path / "corpus", n_train=400)
+    # num_proc also sets SentencePiece's threads, on which its model depends: the same for both.
+    _, whole = _prepare(tmp_path / "whole", corpus, "data.num_proc=2")
+    monkeypatch.setattr("mt.prepare.CHUNK", 7)  # many chunks, the last one short
+    monkeypatch.setattr("mt.prepare.POOL_FROM", 100)  # the training split goes to two workers
+    _, chunked = _prepare(tmp_path / "chunked", corpus, "data.num_proc=2")
+    assert _cache_files(chunked) == _cache_files(whole)
+
+
+def test_a_fast_reader_never_queues_more_than_two_chunks_per_worker():
+    from helpers import tiny_spm
+
+    from mt.prepare import _encoded, _Encoder
+    from mt.tokenizer import Tokenizer
+
+    pulled = []
+
+    def chunks():
+        for i in range(50):
+            pulled.append(i)
+            yield synthetic_pairs(20, seed=i)
+
+    tok = Tokenizer(tiny_spm())
+    encoder = _Encoder(tok.src_proto, tok.tgt_proto, np.dtype(np.uint16), 40, 3.0, clean=True)
+    encoded = _encoded(chunks(), encoder, workers=2)
+    first = next(encoded)
+    assert len(pulled) <= 4 and first.reason.shape == (20,)
+    assert sum(len(e.reason) for e in encoded) == 49 * 20  # the rest, in order, then the pool ends
+
+
+def test_sentencepiece_learns_from_a_bounded_sample_of_the_training_pairs(tmp_path, monkeypatch):
+    import mt.prepare as prep
+
+    seen: list[list[str]] = []
+    real = prep.train_spm
+
+    def recording(sentences, cfg):
+        seen.append(list(sentences))
+        return real(iter(seen[-1]), cfg)
+
+    monkeypatch.setattr(prep, "train_spm", recording)
+    corpus = make_corpus(tmp_path / "corpus", n_train=400)
+    _prepare(tmp_path / "a", corpus, "data.spm_max_sentences=200")
+    _prepare(tmp_path / "b", corpus, "data.spm_max_sentences=200")
+    assert len(seen[0]) == 200  # 100 pairs, both sides: a joint model
+    assert seen[0] == seen[1], "the same sample every time"
+    src, tgt = synthetic_pairs(400, 0)
+    assert set(seen[0]) <= set(src) | set(tgt) and set(seen[0]) != set(src[:100]) | set(tgt[:100])
