@@ -87,8 +87,8 @@ class DataConfig:
     max_len: int = 200
     max_ratio: float = 3.0
     # SentencePiece, trained on at most spm_max_sentences sentences sampled from the training
-    # pairs of all sources (with a fixed seed). Memory grows with the sample: about 2.8 KB per
-    # sentence of ~140 characters for unigram, a fifth of that for bpe.
+    # pairs of all sources (with a fixed seed). It holds the sample: for sentences of ~140
+    # characters about 3 GB per million with unigram, about 0.5 GB with bpe.
     spm_type: Literal["unigram", "bpe"] = "unigram"
     joint_vocab: bool = True
     vocab_size: int = 8000
