@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,plot,serve,tensorboard]'
+	$(BIN)/pip install -q -e '.[dev,plot,serve,tensorboard,export]'
 	touch $@
 
 setup: $(VENV)/.installed

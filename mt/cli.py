@@ -1,4 +1,4 @@
-"""The `mt` command: prepare, train, translate, evaluate, average.
+"""The `mt` command: prepare, train, translate, evaluate, average, export.
 
 Errors a user can fix (`MTError`) are printed as one line without a traceback
 and exit with status 2; anything else is a bug and keeps its traceback. Ctrl-C
@@ -63,6 +63,12 @@ def _cmd_average(args: argparse.Namespace) -> None:
     average_checkpoints(args.checkpoints, args.output)
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from mt.commands.export import export_cli
+
+    export_cli(args)
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
     from mt.commands.serve import serve_cli
 
@@ -100,11 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "translate",
-        help="translate text with a checkpoint, one line in, one line out",
+        help="translate text with a checkpoint or a CTranslate2 export, one line in, one line out",
         description="Translate raw text, one sentence per line: N lines in, N lines out, in order. "
         "Reads stdin and writes stdout unless --input/--output are given.",
     )
-    r.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    model = r.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="checkpoint file (.pt)")
+    model.add_argument(
+        "--model",
+        metavar="DIR",
+        help="a CTranslate2 export (mt export ctranslate2), translated with CTranslate2: the same "
+        "contract, CTranslate2's speed",
+    )
     r.add_argument("--input", help="input text file; - or none: stdin")
     r.add_argument("--output", help="output file, written atomically; - or none: stdout")
     r.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's decode.beam)")
@@ -154,6 +167,37 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--output", required=True, help="averaged checkpoint to write")
     a.add_argument("checkpoints", nargs="+", help="checkpoints to average")
     a.set_defaults(func=_cmd_average)
+
+    x = sub.add_parser(
+        "export",
+        help="export a checkpoint to CTranslate2 or Hugging Face Transformers",
+        description="Write a self-contained directory (model, vocabularies, SentencePiece models, a README "
+        "with a runnable example) that computes exactly what the checkpoint computes. Needs the export "
+        "extra. An existing DIR is replaced only if it is an earlier export.",
+    )
+    formats = x.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    c = formats.add_parser(
+        "ctranslate2",
+        help="a CTranslate2 model (for `mt translate --model`, or CTranslate2 itself)",
+        description="Convert through CTranslate2's converter API. --quantization stores the weights in "
+        "int8 (int8 and int8_float32 run alike on a CPU: int8 matrix products, float32 elsewhere), or in "
+        "float16 or bfloat16 (for GPUs; a CPU runs those in float32).",
+    )
+    h = formats.add_parser(
+        "hf",
+        help="a Hugging Face Transformers model and tokenizer (AutoModelForSeq2SeqLM, AutoTokenizer)",
+        description="Marian for a post-norm model, Pegasus for a pre-norm one, weights as safetensors, "
+        "a tokenizer over the checkpoint's SentencePiece models.",
+    )
+    for f in (c, h):
+        f.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+        f.add_argument("--output", required=True, metavar="DIR", help="directory to write")
+        f.set_defaults(func=_cmd_export)
+    c.add_argument(
+        "--quantization",
+        choices=["int8", "int8_float32", "float16", "bfloat16"],
+        help="weight type (default: float32, as trained); int8 is the fastest on a CPU",
+    )
 
     v = sub.add_parser(
         "serve",

@@ -19,3 +19,7 @@ class DataError(MTError):
 
 class CheckpointError(MTError):
     """A checkpoint file is missing, truncated or not one of ours."""
+
+
+class ExportError(MTError):
+    """A model cannot be exported in the format asked for, or a directory is not an export of ours."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mt.lines import max_output_length
 from mt.model import Transformer
 from mt.special import BOS, EOS, PAD
 
@@ -50,9 +51,7 @@ def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, cap: int) -> Tens
     so no output may be longer, whatever a * src_len + b says.
     """
     src_lens = src.ne(PAD).sum(1).tolist()
-    return torch.tensor(
-        [min(cap, max(1, int(max_len_a * n + max_len_b))) for n in src_lens], dtype=torch.long
-    )
+    return torch.tensor([max_output_length(n, max_len_a, max_len_b, cap) for n in src_lens], dtype=torch.long)
 
 
 def _forbid(scores: Tensor, step: int, min_len: int) -> Tensor:

@@ -27,6 +27,12 @@ from mt.checkpoint import load_checkpoint
 from mt.config import Config, DecodeConfig, Precision, from_dict
 from mt.device import DTYPES, decode_precision, pick_device
 from mt.errors import CheckpointError
+from mt.lines import batch_budget, encode_lines, length_batches, longest_first
+
+# The output-line contract lives in mt.lines (no torch there); these names stay importable from here.
+from mt.lines import format_nbest as format_nbest
+from mt.lines import one_line as one_line
+from mt.lines import translate_lines as translate_lines
 from mt.model import Transformer
 from mt.search import Hypothesis, beam_search, greedy
 from mt.special import EOS, PAD
@@ -41,23 +47,6 @@ def _pad(seqs: list[np.ndarray], device: torch.device) -> torch.Tensor:
         out[i, : len(s)] = s
         out[i, len(s)] = EOS
     return torch.from_numpy(out).to(device)
-
-
-def _length_batches(lengths: np.ndarray, max_tokens: int, max_sentences: int = 512) -> list[np.ndarray]:
-    """Indices sorted by length, cut so that n * (longest + 1) <= max_tokens."""
-    order = np.argsort(lengths, kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        end = start + 1
-        while (
-            end < len(order)
-            and end - start < max_sentences
-            and (end - start + 1) * (lengths[order[end]] + 1) <= max_tokens
-        ):
-            end += 1
-        batches.append(order[start:end])
-        start = end
-    return batches
 
 
 # torch.set_num_threads sets the calling thread's count and also the default that threads
@@ -121,7 +110,7 @@ def translate_ids(
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     results: list[list[Hypothesis]] = [[] for _ in seqs]
     with tqdm(total=len(seqs), desc="translating", unit="sent", disable=not progress, file=sys.stderr) as bar:
-        for idx in _length_batches(lengths, max_tokens or decode.max_tokens):
+        for idx in length_batches(lengths, max_tokens or decode.max_tokens):
             hyps = search_batch(model, [seqs[i] for i in idx], decode, beam, nbest, device)
             _collect([(idx, hyps)], results)
             bar.update(len(idx))
@@ -189,11 +178,9 @@ class Translator:
         decode = self.config.decode
         beam = decode.beam if beam is None else beam
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-        budget = max_tokens or decode.max_tokens
         workers = cpu_workers(decode, self.device)
-        if workers > 1:
-            budget = min(budget, max(1, int((lengths + 1).sum()) // (4 * workers)))
-        batches = _length_batches(lengths, budget)
+        budget = batch_budget(lengths, max_tokens or decode.max_tokens, workers)
+        batches = length_batches(lengths, budget)
         workers = max(1, min(workers, len(batches)))
         if workers == 1:
             return translate_ids(
@@ -207,7 +194,7 @@ class Translator:
             bar.update(len(idx))
             return idx, hyps
 
-        order = sorted(batches, key=lambda b: -len(b) * (int(lengths[b].max()) + 1))
+        order = longest_first(batches, lengths)
         with _THREAD_COUNT, bar:
             threads = torch.get_num_threads()
             intra = max(1, threads // workers)
@@ -222,18 +209,7 @@ class Translator:
 
     def _encode(self, lines: Sequence[str], numbers: Sequence[int]) -> list[np.ndarray]:
         """Token ids of `lines`; `numbers` are their 1-based line numbers, for the warning."""
-        ids = self.tokenizer.encode_src([line.strip() for line in lines])
-        out = []
-        for n, s in zip(numbers, ids, strict=True):
-            if len(s) > self.max_src_len:
-                print(
-                    f"mt: warning: input line {n} has {len(s)} tokens; translating its first "
-                    f"{self.max_src_len} (the model's maximum)",
-                    file=sys.stderr,
-                )
-                s = s[: self.max_src_len]
-            out.append(np.asarray(s, dtype=np.int64))
-        return out
+        return encode_lines(self.tokenizer, lines, numbers, self.max_src_len)
 
     def translate_nbest(
         self,
@@ -263,34 +239,3 @@ class Translator:
     ) -> list[str]:
         """One translation per line, in order; empty or blank lines give empty strings."""
         return [h[0][0] for h in self.translate_nbest(lines, beam, 1, max_tokens, progress)]
-
-
-# --------------------------------------------------------------------------- output lines
-
-
-def one_line(text: str) -> str:
-    """A hypothesis as a single output line: line breaks become spaces."""
-    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
-
-
-def format_nbest(hyps: Sequence[tuple[str, float]], nbest: int) -> str:
-    """One output line: the hypothesis alone, or `hyp<TAB>score` pairs when nbest > 1."""
-    if nbest == 1:
-        return one_line(hyps[0][0])
-    return "\t".join(f"{one_line(t).replace(chr(9), ' ')}\t{s:.4f}" for t, s in hyps)
-
-
-def translate_lines(
-    translator: Translator,
-    lines: Sequence[str],
-    beam: int | None = None,
-    nbest: int = 1,
-    max_tokens: int | None = None,
-    progress: bool = False,
-) -> list[str]:
-    """Output lines (without newlines) for `lines`, exactly one per input line, in order."""
-    hyps = translator.translate_nbest(lines, beam=beam, nbest=nbest, max_tokens=max_tokens, progress=progress)
-    if len(hyps) != len(lines):  # the contract `mt translate` exists for
-        raise RuntimeError(f"translator returned {len(hyps)} results for {len(lines)} lines")
-    # A blank line gives a blank line, also with --nbest (not a lone "<TAB>score").
-    return [format_nbest(h, nbest) if line.strip() else "" for line, h in zip(lines, hyps, strict=True)]

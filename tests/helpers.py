@@ -123,6 +123,14 @@ def tiny_spm() -> bytes:
     return train_spm(src + tgt, DataConfig(vocab_size=60, num_proc=1))
 
 
+@functools.lru_cache(maxsize=1)
+def tiny_spm_pair() -> tuple[bytes, bytes]:
+    """Separate source and target SentencePiece models (of different sizes) for synthetic_pairs."""
+    src, tgt = synthetic_pairs(200, seed=0)
+    cfg = DataConfig(vocab_size=60, num_proc=1)  # more than the corpus supports: 43 and 42 pieces
+    return train_spm(src, cfg), train_spm(tgt, cfg)
+
+
 def tiny_config(**model: object) -> Config:
     cfg = Config(name="tiny")
     cfg.data.max_len = 40

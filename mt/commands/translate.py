@@ -1,5 +1,9 @@
 """The `mt translate` command: raw text in, translations out, one line per line.
 
+The model is a checkpoint (--checkpoint, run by PyTorch: mt.translator) or a CTranslate2
+export (--model DIR, run by CTranslate2 without loading torch: mt.export.ct2_translator);
+everything below holds for both.
+
 The contract is N lines in, N lines out, in order, whatever the lines contain:
 
 * Lines are split on "\\n" only. Other characters that Python's `str.splitlines`
@@ -37,8 +41,8 @@ from typing import TYPE_CHECKING
 from mt.errors import MTError
 from mt.files import STDIO, AtomicFile, decode_lines, read_lines, read_stdin
 
-if TYPE_CHECKING:  # torch is imported only when a model is loaded: errors in options come fast
-    from mt.translator import Translator
+if TYPE_CHECKING:  # torch is imported only when a checkpoint is loaded: errors in options come fast
+    from mt.lines import TextTranslator
 
 
 # --------------------------------------------------------------------------- writing
@@ -60,11 +64,11 @@ def _write_stdout(text: str) -> None:
 
 
 def _output_lines(
-    translator: Translator, lines: list[str], args: argparse.Namespace, progress: bool
+    translator: TextTranslator, lines: list[str], args: argparse.Namespace, progress: bool
 ) -> list[str]:
     """One output line per input line: the translation(s), and with --alignment a tab and the
     word alignment (fairseq's `i-j` pairs); a blank line gives a blank line."""
-    from mt.translator import one_line, translate_lines
+    from mt.lines import one_line, translate_lines
 
     if not args.alignment:
         return translate_lines(translator, lines, args.beam, args.nbest, args.max_tokens, progress=progress)
@@ -74,7 +78,7 @@ def _output_lines(
     return [f"{one_line(text)}\t{format_pairs(attn.pairs)}" if attn else "" for text, attn in out]
 
 
-def _interactive(translator: Translator, args: argparse.Namespace) -> None:
+def _interactive(translator: TextTranslator, args: argparse.Namespace) -> None:
     """Translate each line as it is typed, until end of input."""
     print("mt translate: type a sentence and press Enter (Ctrl-D to quit)", file=sys.stderr)
     n = 0
@@ -104,11 +108,30 @@ def check_options(beam: int | None, max_tokens: int | None, nbest: int = 1) -> N
         raise MTError(f"--max-tokens must be >= 1, got {max_tokens}")
 
 
+def load_translator(args: argparse.Namespace) -> TextTranslator:
+    """The checkpoint's Translator, or with --model the export's CT2Translator."""
+    if args.model:
+        from mt.export.ct2_translator import CT2Translator
+
+        return CT2Translator.from_export(args.model, args.device)
+    from mt.device import pick_device
+    from mt.translator import Translator
+
+    return Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision)
+
+
 def translate_cli(args: argparse.Namespace) -> None:
     """`mt translate`: see the module docstring."""
     check_options(args.beam, args.max_tokens, args.nbest)  # before any (slow) import of torch
+    if args.model and args.precision:
+        raise MTError(
+            "--precision goes with --checkpoint; an export runs in the precision it was exported "
+            "with (mt export ctranslate2 --quantization)"
+        )
     if args.alignment and args.nbest > 1:
         raise MTError("--alignment goes with one translation per line: drop --nbest")
+    if args.alignment and args.model:
+        raise MTError("--alignment goes with --checkpoint: it reads the model's cross-attention")
     hint = "; fix the input or pass --errors replace"
     source = None if args.input == STDIO else args.input
     dest = None if args.output == STDIO else args.output
@@ -127,10 +150,7 @@ def translate_cli(args: argparse.Namespace) -> None:
 
     # Opened before the model is loaded, so a bad output path fails in a second, not after the work.
     with AtomicFile(dest) if dest else contextlib.nullcontext() as out:
-        from mt.device import pick_device
-        from mt.translator import Translator
-
-        translator = Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision)
+        translator = load_translator(args)
         if interactive:
             _interactive(translator, args)
             return

@@ -1,0 +1,230 @@
+"""Translating with a CTranslate2 export: `mt translate --model DIR`, under a checkpoint's contract.
+
+`CT2Translator` is to a CTranslate2 export what mt.translator.Translator is to a checkpoint,
+with the same `translate_nbest` / `translate`, so `mt translate` keeps its contract through
+mt.lines (N lines in, N lines out, in order, blank lines kept, over-long lines cut with a
+warning) and its errors. It never imports torch: the export runs on CTranslate2 alone.
+
+Decoding follows the export's decode settings (the checkpoint's), as CTranslate2 can express
+them: PAD and BOS are suppressed and `min_len` holds as in mt.search; beam scores are
+normalised by len**alpha with EOS counted, as decode.length_penalty "fairseq" (GNMT's penalty
+has no CTranslate2 equivalent: beam search with it is an error). Lengths: CTranslate2 takes one
+maximum per batch, so each batch gets its longest sentence's limit and every output is cut to
+its own sentence's (mt.lines.max_output_length). For greedy search that gives mt's output token
+for token (greedy outputs are prefixes of longer runs); beam search differs where CTranslate2
+stops (as soon as `beam` hypotheses have ended) before an unfinished hypothesis would have won.
+
+Batches are cut as Translator cuts them (mt.lines) and, on a CPU, decoded side by side by
+CTranslate2's `inter_threads` workers, one batch each, on `intra_threads` threads: W workers
+(decode.inter_threads, 0 = one per core) with cores / W threads each.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from mt.config import Config
+from mt.errors import ExportError, MTError
+from mt.export import read_manifest, require
+from mt.lines import batch_budget, encode_lines, length_batches, longest_first, max_output_length
+from mt.special import BOS, PAD
+from mt.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # an optional dependency (the export extra), imported when a model loads
+    import ctranslate2
+
+Output = tuple[list[int], float]  # target ids (no BOS/EOS) and CTranslate2's score
+
+
+def ct2_device(name: str | None) -> tuple[str, int]:
+    """A --device name as CTranslate2 takes it: (device, index). auto/None: CUDA when it has one."""
+    ctranslate2 = require("ctranslate2", "mt translate --model")
+    if name in (None, "", "auto"):
+        return ("cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"), 0
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise MTError(f"--device {name}: not a device name; use cpu, cuda or cuda:N")
+    if kind == "cuda":
+        count = ctranslate2.get_cuda_device_count()
+        if count == 0:
+            raise MTError(f"--device {name}: CUDA is not available to CTranslate2 here; use --device cpu")
+        if int(index or 0) >= count:
+            raise MTError(f"--device {name}: this machine has {count} CUDA device(s)")
+    return kind, int(index or 0)
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class CT2Translator:
+    """A CTranslate2 export, its tokenizer and decoding settings: everything needed to translate."""
+
+    def __init__(
+        self, model: ctranslate2.Translator, tokenizer: Tokenizer, config: Config, workers: int
+    ) -> None:
+        """`model` runs `workers` batches at once."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.workers = workers
+        self.max_src_len = config.model.max_positions - 1  # as Translator: EOS takes the last position
+        tgt = tokenizer.tgt
+        self._suppress = [[tgt.id_to_piece(PAD)], [tgt.id_to_piece(BOS)]]
+
+    @classmethod
+    def from_export(
+        cls, directory: str | Path, device: str | None = None, inter_threads: int | None = None
+    ) -> CT2Translator:
+        """Load the CTranslate2 export in `directory` (see mt.export) on `device` (cpu, cuda, cuda:N;
+        default: CUDA when CTranslate2 has it). `inter_threads` overrides decode.inter_threads."""
+        manifest = read_manifest(directory)
+        if manifest.engine != "ctranslate2":
+            raise ExportError(
+                f"{directory} is a {manifest.engine} export; --model takes a CTranslate2 export "
+                f"(mt export ctranslate2)"
+            )
+        ctranslate2 = require("ctranslate2", "mt translate --model")
+        kind, index = ct2_device(device)
+        directory = Path(directory)
+        try:
+            tokenizer = Tokenizer(
+                (directory / "source.spm").read_bytes(), (directory / "target.spm").read_bytes()
+            )
+        except OSError as e:
+            reason = e.strerror or e
+            raise ExportError(f"cannot read the SentencePiece models of {directory}: {reason}") from None
+        config = manifest.config
+        if kind == "cpu":
+            cores = cpu_cores()
+            requested = config.decode.inter_threads if inter_threads is None else inter_threads
+            workers = max(1, min(requested or cores, cores))
+            threads = {"inter_threads": workers, "intra_threads": max(1, cores // workers)}
+        else:
+            workers, threads = 1, {}
+        try:
+            model = ctranslate2.Translator(str(directory), device=kind, device_index=index, **threads)
+        except (RuntimeError, ValueError) as e:  # a model.bin that is missing, truncated or foreign
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"{directory}: CTranslate2 cannot load this model ({first})") from None
+        return cls(model, tokenizer, config, workers)
+
+    # ------------------------------------------------------------------ token ids
+
+    def _options(self, beam: int, nbest: int) -> dict[str, object]:
+        d = self.config.decode
+        if beam > 1 and d.length_penalty != "fairseq":
+            raise MTError(
+                f"decode.length_penalty {d.length_penalty!r} has no CTranslate2 equivalent (its beam "
+                f"search divides by len**alpha, the 'fairseq' penalty): translate with --beam 1, or "
+                f"with the checkpoint"
+            )
+        return {
+            "beam_size": beam,
+            "num_hypotheses": nbest,
+            "length_penalty": d.alpha,
+            "min_decoding_length": d.min_len,
+            "max_input_length": 0,  # inputs are cut to the model's length before (encode_lines)
+            "suppress_sequences": self._suppress,
+            "return_scores": True,
+        }
+
+    def translate_ids(
+        self,
+        seqs: Sequence[np.ndarray],
+        beam: int | None = None,
+        nbest: int = 1,
+        max_tokens: int | None = None,
+        progress: bool = False,
+    ) -> list[list[Output]]:
+        """Translate token-id sequences (no specials); `nbest` (ids, score) per input, in order.
+
+        Batches are cut as mt.translator.Translator cuts them and submitted to CTranslate2's
+        workers, the longest first; each worker has one running and at most one waiting, so
+        that Ctrl-C stops the run after the batches already submitted.
+        """
+        d = self.config.decode
+        beam = d.beam if beam is None else beam
+        if not 1 <= nbest <= beam:
+            raise ValueError(f"nbest must be in [1, beam={beam}], got {nbest}")
+        options = self._options(beam, nbest)
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        cap = self.config.model.max_positions
+        limits = [max_output_length(int(n) + 1, d.max_len_a, d.max_len_b, cap) for n in lengths]
+        budget = batch_budget(lengths, max_tokens or d.max_tokens, self.workers)
+        batches = longest_first(length_batches(lengths, budget), lengths)
+        src = self.tokenizer.src
+        tgt = self.tokenizer.tgt
+        results: list[list[Output]] = [[] for _ in seqs]
+
+        def submit(idx: np.ndarray) -> tuple[np.ndarray, list]:
+            pieces = [[src.id_to_piece(int(t)) for t in seqs[i]] for i in idx]
+            longest = max(limits[i] for i in idx)
+            return idx, self.model.translate_batch(
+                pieces, max_decoding_length=longest, asynchronous=True, **options
+            )
+
+        def collect(idx: np.ndarray, pending: list) -> None:
+            for i, result in zip(idx, pending, strict=True):
+                out = result.result()
+                hyps = []
+                for pieces, score in zip(out.hypotheses, out.scores, strict=True):
+                    ids = [tgt.piece_to_id(p) for p in pieces]  # without EOS (return_end_token)
+                    hyps.append((ids[: limits[i]], score))
+                results[i] = hyps
+
+        window: deque[tuple[np.ndarray, list]] = deque()
+        bar = tqdm(total=len(seqs), desc="translating", unit="sent", disable=not progress, file=sys.stderr)
+
+        def drain(keep: int) -> None:
+            while len(window) > keep:
+                idx, pending = window.popleft()
+                collect(idx, pending)
+                bar.update(len(idx))
+
+        with bar:
+            for idx in batches:
+                window.append(submit(idx))
+                drain(2 * self.workers)
+            drain(0)
+        return results
+
+    # ------------------------------------------------------------------ text
+
+    def translate_nbest(
+        self,
+        lines: Sequence[str],
+        beam: int | None = None,
+        nbest: int = 1,
+        max_tokens: int | None = None,
+        progress: bool = False,
+    ) -> list[list[tuple[str, float]]]:
+        """The nbest (text, score) pairs per line, best first; an empty line gives [('', 0.0)]."""
+        beam = max(self.config.decode.beam if beam is None else beam, nbest)
+        keep = [i for i, line in enumerate(lines) if line.strip()]
+        seqs = encode_lines(self.tokenizer, [lines[i] for i in keep], [i + 1 for i in keep], self.max_src_len)
+        hyps = self.translate_ids(seqs, beam=beam, nbest=nbest, max_tokens=max_tokens, progress=progress)
+        out: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
+        for i, hs in zip(keep, hyps, strict=True):
+            texts = self.tokenizer.decode_tgt([ids for ids, _ in hs])
+            out[i] = [(t, score) for t, (_, score) in zip(texts, hs, strict=True)]
+        return out
+
+    def translate(
+        self,
+        lines: Sequence[str],
+        beam: int | None = None,
+        max_tokens: int | None = None,
+        progress: bool = False,
+    ) -> list[str]:
+        """One translation per line, in order; empty or blank lines give empty strings."""
+        return [h[0][0] for h in self.translate_nbest(lines, beam, 1, max_tokens, progress)]
