@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
+from mt.lines import TextTranslator
 from mt.serve import Batcher, Busy, ServeLimits
 from mt.translator import Translator
 
@@ -37,7 +38,7 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(translator: Translator, limits: ServeLimits | None = None) -> FastAPI:
+def create_app(translator: TextTranslator, limits: ServeLimits | None = None) -> FastAPI:
     """The ASGI app for `translator`."""
     limits = limits or ServeLimits()
     state: dict[str, Batcher] = {}
@@ -87,6 +88,8 @@ def create_app(translator: Translator, limits: ServeLimits | None = None) -> Fas
     async def attention(req: AttentionRequest) -> Any:
         from mt.alignment import translate_and_attend
 
+        if not isinstance(translator, Translator):
+            return _error(422, "attention needs a checkpoint: serve with --checkpoint, not --model")
         if (problem := check_lines([req.text])) is not None:
             return problem
         if not req.text.strip():
@@ -115,7 +118,7 @@ def create_app(translator: Translator, limits: ServeLimits | None = None) -> Fas
         return {
             "status": "ok" if batcher is not None and not batcher.closing else "shutting down",
             "model": translator.config.name,
-            "device": str(translator.device),
+            "device": str(getattr(translator, "device", "ctranslate2")),
             "queued_lines": batcher.queued_lines if batcher else 0,
             "decoding_calls": batcher.calls if batcher else 0,
             "lines_decoded": batcher.lines if batcher else 0,
@@ -129,7 +132,7 @@ def create_app(translator: Translator, limits: ServeLimits | None = None) -> Fas
     return app
 
 
-def serve(translator: Translator, host: str, port: int, limits: ServeLimits | None = None) -> None:
+def serve(translator: TextTranslator, host: str, port: int, limits: ServeLimits | None = None) -> None:
     """Run the app until Ctrl-C or SIGTERM; what is in flight is finished first."""
     import uvicorn
 

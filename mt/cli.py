@@ -205,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="POST /translate, POST /attention, GET /health, GET / (the page). Concurrent requests "
         "are translated together; limits answer with JSON errors (413, 422, 429, 503).",
     )
-    v.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    model = v.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="checkpoint file (.pt)")
+    model.add_argument(
+        "--model", help="a CTranslate2 export (mt export ctranslate2): /translate only, no /attention"
+    )
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     v.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     v.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")

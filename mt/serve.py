@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported when a model is loaded, not when the CLI parses options
-    from mt.translator import Translator
+    from mt.lines import TextTranslator
 
 @dataclass
 class ServeLimits:
@@ -67,7 +67,7 @@ class _Job:
 class Batcher:
     """Collects concurrent requests into decoding calls on one worker thread."""
 
-    def __init__(self, translator: Translator, limits: ServeLimits) -> None:
+    def __init__(self, translator: TextTranslator, limits: ServeLimits) -> None:
         self.translator, self.limits = translator, limits
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.queued_lines = 0

@@ -222,3 +222,18 @@ def test_the_page_in_a_real_browser_translates_and_draws_the_attention(checkpoin
         _, err = server.communicate(timeout=60)
     assert server.returncode == 0, err[-3000:]
     assert "Finished server process" in err
+
+
+def test_a_ctranslate2_export_serves_translations_but_not_attention(checkpoint, tmp_path, capsys):
+    from mt.cli import main
+    from mt.export.ct2_translator import CT2Translator
+
+    export = tmp_path / "ct2"
+    assert main(["export", "ctranslate2", "--checkpoint", str(checkpoint), "--output", str(export)]) == 0
+    ct2 = CT2Translator.from_export(export, "cpu")
+    with TestClient(create_app(ct2, LIMITS)) as c:
+        r = c.post("/translate", json={"text": SRC[:3], "beam": 2})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"translations": ct2.translate(SRC[:3], beam=2)}
+        r = c.post("/attention", json={"text": SRC[0]})
+        assert r.status_code == 422 and "needs a checkpoint" in r.json()["error"]

@@ -28,14 +28,15 @@ def serve_cli(args: argparse.Namespace) -> None:
             f"mt serve needs the `serve` extra ({', '.join(missing)} missing): pip install -e '.[serve]'"
         )
     from mt.app import serve
-    from mt.device import pick_device
+    from mt.commands.translate import load_translator
     from mt.serve import ServeLimits
-    from mt.translator import Translator
 
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
     for f in dataclasses.fields(ServeLimits):
         if getattr(limits, f.name) <= 0:
             raise MTError(f"--{f.name.replace('_', '-')} must be > 0, got {getattr(limits, f.name)}")
-    translator = Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision)
-    print(f"mt serve: {args.checkpoint} on {translator.device}; http://{args.host}:{args.port}/")
+    if args.model and args.precision:
+        raise MTError("--precision goes with --checkpoint; an export has the precision it was exported with")
+    translator = load_translator(args)
+    print(f"mt serve: {args.checkpoint or args.model}; http://{args.host}:{args.port}/")
     serve(translator, args.host, args.port, limits)
