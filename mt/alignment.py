@@ -26,8 +26,7 @@ from torch import Tensor
 from mt.model import CrossAttention, Transformer
 from mt.special import BOS, EOS, PAD
 from mt.tokenizer import Tokenizer
-from mt.translator import Translator
-from mt.translator import _pad as pad_sources
+from mt.translator import Translator, pad_sources
 
 WORD_START = "\u2581"  # SentencePiece's mark of a piece that begins a whitespace word
 

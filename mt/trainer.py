@@ -52,8 +52,7 @@ from mt.model import Transformer
 from mt.prepare import is_up_to_date, prepare, read_meta
 from mt.schedule import lr_at, set_lr
 from mt.sources import inputs_reachable, source_configs
-from mt.translator import _pad as pad_sources
-from mt.translator import translate_ids
+from mt.translator import pad_sources, translate_ids
 
 MAX_NONFINITE_IN_ROW = 5
 BOARD_SENTENCES = 3  # validation sentences whose attention TensorBoard shows

@@ -39,7 +39,7 @@ from mt.special import EOS, PAD
 from mt.tokenizer import Tokenizer
 
 
-def _pad(seqs: list[np.ndarray], device: torch.device) -> torch.Tensor:
+def pad_sources(seqs: list[np.ndarray], device: torch.device) -> torch.Tensor:
     """Source ids + EOS, right-padded: (B, S)."""
     width = max(len(s) for s in seqs) + 1
     out = np.full((len(seqs), width), PAD, dtype=np.int64)
@@ -80,7 +80,7 @@ def search_batch(
     device: torch.device,
 ) -> list[list[Hypothesis]]:
     """Search one batch of token-id sequences: greedy for beam 1 with nbest 1, else beam search."""
-    src = _pad([np.asarray(s) for s in seqs], device)
+    src = pad_sources([np.asarray(s) for s in seqs], device)
     lengths = dict(max_len_a=decode.max_len_a, max_len_b=decode.max_len_b, min_len=decode.min_len)
     scoring = dict(length_penalty=decode.length_penalty, alpha=decode.alpha)
     if beam == 1 and nbest == 1:

@@ -53,7 +53,7 @@ from mt.lines import length_batches, max_output_length
 from mt.model import Transformer
 from mt.prepare import prepare
 from mt.special import BOS, EOS, PAD
-from mt.translator import Translator, _pad
+from mt.translator import Translator, pad_sources
 
 CT2_LAYOUTS = ("1 batch x 2 threads", "2 batches x 1 thread")  # for 2 cores; see ct2_workers
 
@@ -80,7 +80,7 @@ def hf_translate(hf, seqs: list[np.ndarray], beam: int, dec, cap: int) -> list[l
     limits = limits_of(seqs, dec, cap)
     out: list[list[int]] = [[] for _ in seqs]
     for idx in length_batches(np.array([len(s) for s in seqs]), dec.max_tokens):
-        src = _pad([seqs[i] for i in idx], torch.device("cpu"))
+        src = pad_sources([seqs[i] for i in idx], torch.device("cpu"))
         gen = hf.generate(
             input_ids=src,
             attention_mask=src.ne(PAD),
@@ -100,7 +100,7 @@ def hf_translate(hf, seqs: list[np.ndarray], beam: int, dec, cap: int) -> list[l
 def our_score(model: Transformer, src: np.ndarray, tokens: list[int], limit: int, alpha: float) -> float:
     """The score mt's beam search gives `tokens` as a translation of `src` (fairseq's penalty)."""
     ended = len(tokens) < limit
-    logits = model(_pad([src], torch.device("cpu")), torch.tensor([[BOS, *tokens]]))[0].float()
+    logits = model(pad_sources([src], torch.device("cpu")), torch.tensor([[BOS, *tokens]]))[0].float()
     target = torch.tensor([*tokens, EOS])
     lp = logits.log_softmax(-1)[torch.arange(len(target)), target]
     total = float(lp.sum() if ended else lp[:-1].sum())

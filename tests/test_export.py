@@ -43,7 +43,7 @@ from mt.export.ct2 import check_expressible, transformer_spec_of, write_ctransla
 from mt.export.ct2_translator import CT2Translator
 from mt.lines import max_output_length
 from mt.special import BOS, EOS, PAD, UNK
-from mt.translator import Translator, _pad
+from mt.translator import Translator, pad_sources
 
 SOURCES = synthetic_pairs(40, seed=7)[0]
 
@@ -119,7 +119,7 @@ def mt_log_probs(
     """Our log-probability of every token of each output, its EOS included."""
     out = []
     for s, o in zip(seqs, outputs, strict=True):
-        logits = translator.model(_pad([s], torch.device("cpu")), torch.tensor([[BOS, *o]]))[0]
+        logits = translator.model(pad_sources([s], torch.device("cpu")), torch.tensor([[BOS, *o]]))[0]
         out.append(logits.log_softmax(-1)[torch.arange(len(o) + 1), torch.tensor([*o, EOS])].numpy())
     return out
 
@@ -474,7 +474,7 @@ def test_transformers_export_computes_the_checkpoints_logits(layout, checkpoint_
     assert type(hf).__name__ == expected
     seqs = source_ids(ours)
     outputs = mt_greedy(ours, seqs)
-    src = _pad(seqs, torch.device("cpu"))
+    src = pad_sources(seqs, torch.device("cpu"))
     tgt = torch.full((len(outputs), max(map(len, outputs)) + 1), PAD)
     for i, o in enumerate(outputs):
         tgt[i, : len(o) + 1] = torch.tensor([BOS, *o])
@@ -495,7 +495,7 @@ def test_transformers_greedy_generate_is_mt_greedy_search_token_for_token(layout
     seqs = source_ids(ours)
     d = ours.config.decode
     limits = [max_output_length(len(s) + 1, d.max_len_a, d.max_len_b, 64) for s in seqs]
-    src = _pad(seqs, torch.device("cpu"))
+    src = pad_sources(seqs, torch.device("cpu"))
     with torch.inference_mode():  # one limit for the batch, then each output cut to its own
         rows = hf.generate(input_ids=src, attention_mask=src.ne(PAD), num_beams=1, max_new_tokens=max(limits))
     theirs = []

@@ -128,7 +128,7 @@ def transformer_spec_of(model: Transformer, tokenizer: Tokenizer) -> transformer
     config.eos_token = tgt.id_to_piece(EOS)
     config.decoder_start_token = tgt.id_to_piece(BOS)
     config.add_source_bos = False
-    config.add_source_eos = True  # EOS ends every source (mt.translator._pad)
+    config.add_source_eos = True  # EOS ends every source (mt.translator.pad_sources)
     config.layer_norm_epsilon = model.encoder[0].attn_norm.eps
     return spec
 
