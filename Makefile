@@ -18,7 +18,7 @@ CKPT    ?= $(RUN_DIR)/checkpoint_best.pt
 CONFIG_ARGS := $(if $(MULTI30K),data.local_dir=$(MULTI30K)) $(ARGS)
 TRAIN_CMD := $(if $(filter 1,$(NPROC)),$(BIN)/mt,$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m mt)
 
-.PHONY: setup data train translate evaluate test lint bench clean
+.PHONY: setup data train translate evaluate test test-avx2 lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ evaluate: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The tests whose results depend on the CPU's instructions (bf16, int8), run as on a CPU with
+# AVX2 and no AVX-512, whatever this one has: each library caps its kernels to AVX2.
+AVX2_CAPS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 CT2_FORCE_CPU_ISA=AVX2
+test-avx2: setup
+	@echo "instruction-set caps: $(AVX2_CAPS)"
+	@$(AVX2_CAPS) $(BIN)/python -c "import torch; print('torch runs its', torch.backends.cpu.get_cpu_capability(), 'kernels')"
+	HF_HUB_OFFLINE=1 $(AVX2_CAPS) $(BIN)/python -m pytest -q -m low_precision
 
 lint: setup
 	$(BIN)/ruff check mt tests scripts

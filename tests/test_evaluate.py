@@ -168,6 +168,7 @@ def test_config_form_says_to_prepare_first(tmp_path, capsys):
     assert f"run `mt prepare {cfg_path}` first" in capsys.readouterr().err
 
 
+@pytest.mark.low_precision
 def test_precision_is_recorded_and_named(tmp_path, capsys, checkpoint):
     src, ref = synthetic_pairs(4, seed=6)
     src_file, ref_file = _write(tmp_path / "t.de", src), _write(tmp_path / "t.en", ref)

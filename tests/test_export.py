@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -20,11 +21,13 @@ import sys
 import warnings
 from pathlib import Path
 
+import ctranslate2
 import numpy as np
 import pytest
 import torch
 import transformers
 from helpers import (
+    assert_agree_up_to_near_ties,
     build_checkpoint,
     error_line,
     subprocess_env,
@@ -198,22 +201,79 @@ def test_ctranslate2_spec_has_our_positions_special_ids_and_vocabularies(checkpo
     assert len(source) != len(target)
 
 
-def test_quantized_exports_are_smaller_and_translate_like_float32(checkpoint_of, tmp_path):
-    ck = checkpoint_of()
+# Quantized exports are judged in two parts. What the export writes (the rounded weights and
+# their scales) is checked with CTranslate2 computing in float32, which is the same arithmetic on
+# every CPU: it must score our translations as we do and find them. How CTranslate2 then computes
+# in int8 is the CPU's: oneDNN's int8 kernels without VNNI (AVX2 CPUs) saturate 16-bit sums, and on
+# this tiny model that moves log-probabilities by up to 15 nats (measured under
+# ONEDNN_MAX_CPU_ISA=AVX2: 11 of 32 outputs equal ours, against 32 with AVX-512 VNNI), so the int8
+# arithmetic is only required to run. A model trained to peaked distributions (every greedy step of
+# its training sources wins by at least 3.9 nats) leaves no near tie to flip.
+QUANTIZED_WEIGHTS_ATOL = 0.02  # per-token log-probability; rounding to int8 moves them by <= 0.002
+
+
+@pytest.fixture(scope="module")
+def peaked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A checkpoint trained until its greedy outputs on its training sources win by clear
+    margins, and those sources."""
+    ck = build_checkpoint(tmp_path_factory.mktemp("peaked") / "tiny.pt", tiny_config(), steps=150, seed=0)
+    return ck, synthetic_pairs(32, seed=0)[0]
+
+
+def ct2_in_float32(directory: Path) -> CT2Translator:
+    """An export with CTranslate2 computing in float32 whatever its weights are stored in."""
+    ct2 = CT2Translator.from_export(directory, "cpu")
+    ct2.model = ctranslate2.Translator(str(directory), device="cpu", compute_type="float32", intra_threads=1)
+    return ct2
+
+
+@pytest.mark.low_precision
+def test_quantized_exports_are_smaller_and_hold_the_checkpoints_weights(peaked, tmp_path):
+    ck, lines = peaked
     ours = Translator.from_checkpoint(ck, "cpu", "fp32")
     before = {k: v.clone() for k, v in ours.model.state_dict().items()}
     write_ctranslate2(ours.model, ours.tokenizer, ours.config, tmp_path / "in-process", "int8")
     assert all(torch.equal(v, before[k]) for k, v in ours.model.state_dict().items())  # left as it was
-    full = CT2Translator.from_export(export("ctranslate2", ck, tmp_path / "fp32"), "cpu")
-    seqs = source_ids(full)
-    reference = [h[0][0] for h in full.translate_ids(seqs, beam=1)]
+    full = export("ctranslate2", ck, tmp_path / "fp32")
+    seqs = source_ids(ours, lines)
+    reference = mt_greedy(ours, seqs)
+    expected = mt_log_probs(ours, seqs, reference)
+    sources = [pad_sources([s], torch.device("cpu")) for s in seqs]
     for quantization in ("int8", "int8_float32", "float16", "bfloat16"):
         out = export("ctranslate2", ck, tmp_path / quantization, "--quantization", quantization)
         assert read_manifest(out).quantization == quantization
-        assert (out / "model.bin").stat().st_size < (tmp_path / "fp32" / "model.bin").stat().st_size
-        small = CT2Translator.from_export(out, "cpu")
+        assert (out / "model.bin").stat().st_size < (full / "model.bin").stat().st_size
+        small = ct2_in_float32(out)
+        assert small.model.compute_type == "float32"
+        src, tgt = small.tokenizer.src, small.tokenizer.tgt
+        scored = small.model.score_batch(
+            [[src.id_to_piece(int(t)) for t in s] for s in seqs],
+            [[tgt.id_to_piece(t) for t in o] for o in reference],
+        )
+        errors = [np.abs(np.asarray(t.log_probs) - e) for t, e in zip(scored, expected, strict=True)]
+        worst = max(float(e.max()) for e in errors)
+        assert worst <= QUANTIZED_WEIGHTS_ATOL, (quantization, worst)
         got = [h[0][0] for h in small.translate_ids(seqs, beam=1)]
-        assert sum(a == b for a, b in zip(got, reference, strict=True)) >= 0.8 * len(seqs), quantization
+        assert_agree_up_to_near_ties(ours.model, sources, reference, got, min_equal=len(seqs) - 1)
+
+
+@pytest.mark.low_precision
+def test_int8_exports_compute_in_int8_on_any_cpu(peaked, tmp_path):
+    ck, lines = peaked
+    ours = Translator.from_checkpoint(ck, "cpu", "fp32")
+    seqs = source_ids(ours, lines)
+    d, cap = ours.config.decode, ours.model.cfg.max_positions
+    for quantization in ("int8", "int8_float32"):
+        int8 = CT2Translator.from_export(
+            export("ctranslate2", ck, tmp_path / quantization, "--quantization", quantization), "cpu"
+        )
+        assert int8.model.compute_type == "int8_float32"  # the CPU's int8 kernels, whichever they are
+        outputs = int8.translate_ids(seqs, beam=1)
+        assert len(outputs) == len(seqs)
+        for s, [(ids, score)] in zip(seqs, outputs, strict=True):
+            assert len(ids) <= max_output_length(len(s) + 1, d.max_len_a, d.max_len_b, cap)
+            assert all(3 < t < ours.tokenizer.tgt_vocab_size for t in ids)
+            assert math.isfinite(score)
 
 
 # --------------------------------------------------------------------------- CTranslate2: the directory

@@ -51,6 +51,7 @@ def test_matches_torch_cross_entropy():
     assert loss.dtype == nll.dtype == torch.float32
 
 
+@pytest.mark.low_precision
 def test_no_smoothing_is_cross_entropy_and_bf16_input():
     logits, target = _example()
     loss, nll = label_smoothed_nll(logits.bfloat16(), target, 0.0)

@@ -186,6 +186,7 @@ def test_overfits_a_few_pairs():
     assert torch.equal(model(src, tgt_in).argmax(-1)[tgt_out.ne(PAD)], tgt_out[tgt_out.ne(PAD)])
 
 
+@pytest.mark.low_precision
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_attention_matches_sdpa(dtype):
     """At inference on CPU, attention is two matmuls (`_attend`); it computes what sdpa does,
@@ -217,6 +218,7 @@ def test_inference_decoding_equals_training_path():
     torch.testing.assert_close(steps, full.detach(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.low_precision
 def test_bf16_model_stays_close_to_fp32():
     model = tiny()
     src = pad(sentences([5, 8, 3]))

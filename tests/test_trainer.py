@@ -199,6 +199,7 @@ def test_fp16_decoding_on_cpu_is_refused_before_training(tmp_path, corpus):
     assert not cfg.out_dir.exists() and not cfg.prepared_dir.exists()  # nothing done
 
 
+@pytest.mark.low_precision
 def test_final_test_uses_decode_precision(tmp_path, corpus, capsys):
     cfg = _cfg(tmp_path, corpus, "train.max_steps=2", "train.valid_bleu=false", "decode.precision=bf16")
     result = train(cfg)

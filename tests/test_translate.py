@@ -370,6 +370,7 @@ def test_closed_stdin_is_a_one_line_error(checkpoint):
     assert "no standard input" in error_line(proc.stderr, "translate")
 
 
+@pytest.mark.low_precision
 def test_precision_option(tmp_path, capsys, checkpoint, translator):
     src = write(tmp_path / "in.txt", ("\n".join(SRC[:6]) + "\n\n").encode())
     rc, out, err = run_cli(capsys, checkpoint, "--input", str(src), "--precision", "bf16", "--beam", "1")
