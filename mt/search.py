@@ -106,7 +106,7 @@ def greedy(
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
-            cache.reorder(keep)
+            cache.reorder(keep, within=1, entries=keep)
             sent, tokens, limit, logprob = sent[keep], tokens[keep], limit[keep], logprob[keep]
             nxt = nxt[keep]
         prev = nxt[:, None]
@@ -199,9 +199,22 @@ def beam_search(
         c_parent, c_tok = c_idx // V, c_idx % V
         is_eos = c_tok.eq(EOS)
 
-        # EOS among the first K candidates: finished hypotheses.
+        # EOS among the first K candidates: finished hypotheses. Their scores enter fin_top on
+        # the device, so that one read-back per step (below) decides what ended.
         eos_top = is_eos[:, :K] & c_scores[:, :K].isfinite()
-        if bool(eos_top.any()):
+        new = torch.where(eos_top, c_scores[:, :K] / pen, float("-inf"))
+        fin_top = torch.cat([fin_top, new], dim=1).topk(K, dim=1).values
+
+        # The K best non-EOS candidates stay active (there are at most K EOS among 2K).
+        sel = (ranks + is_eos * (2 * K)).topk(K, dim=1, largest=False).indices  # (n, K) in rank order
+        scores = c_scores.gather(1, sel)  # (n, K), best first
+        rows = (torch.arange(n, device=device)[:, None] * k + c_parent.gather(1, sel)).view(-1)  # (n*K,)
+        # Sentences at their max length end here, their active hypotheses without EOS.
+        at_max = limit.le(length)
+        done = at_max | (scores[:, 0] / pen <= fin_top[:, K - 1])
+        any_eos, any_at_max, any_done = torch.stack([eos_top.any(), at_max.any(), done.any()]).tolist()
+
+        if any_eos:
             si, ki = eos_top.nonzero(as_tuple=True)
             parent_rows = si * k + c_parent[si, ki]
             lps = c_scores[si, ki]
@@ -209,32 +222,22 @@ def beam_search(
                 sent[si].tolist(), tokens[parent_rows].tolist(), lps.tolist(), strict=True
             ):
                 finished[s].append(Hypothesis(toks, lp / pen, lp))
-            new = torch.where(eos_top, c_scores[:, :K] / pen, float("-inf"))
-            fin_top = torch.cat([fin_top, new], dim=1).topk(K, dim=1).values
-
-        # The K best non-EOS candidates stay active (there are at most K EOS among 2K).
-        sel = (ranks + is_eos * (2 * K)).topk(K, dim=1, largest=False).indices  # (n, K) in rank order
-        scores = c_scores.gather(1, sel)  # (n, K), best first
-        rows = (torch.arange(n, device=device)[:, None] * k + c_parent.gather(1, sel)).view(-1)  # (n*K,)
         tokens = torch.cat([tokens[rows], c_tok.gather(1, sel).view(-1, 1)], dim=1)  # (n*K, step+1)
-
-        # Sentences at their max length: the active hypotheses end here, without EOS.
-        at_max = limit.le(length)
-        if bool(at_max.any()):
+        if any_at_max:
             ended = sent[at_max].tolist(), tokens.view(n, K, -1)[at_max].tolist(), scores[at_max].tolist()
             for s, beams, lps in zip(*ended, strict=True):
                 for toks, lp in zip(beams, lps, strict=True):
                     if lp > -math.inf:
                         finished[s].append(Hypothesis(toks, lp / pen, lp))
-        done = at_max | (scores[:, 0] / pen <= fin_top[:, K - 1])
-        if bool(done.any()):
+        keep = None  # the sentences still searched, when some are done
+        if any_done:
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
             rows = rows.view(n, K)[keep].view(-1)
             tokens = tokens.view(n, K, -1)[keep].view(keep.numel() * K, -1)
             sent, limit, scores, fin_top = sent[keep], limit[keep], scores[keep], fin_top[keep]
-        cache.reorder(rows)
+        cache.reorder(rows, within=K, entries=keep)  # each sentence's K rows come from its own
         prev = tokens[:, -1:]
 
     return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]

@@ -229,3 +229,29 @@ def test_bf16_model_stays_close_to_fp32():
         out = torch.log_softmax(half.decode(tgt, half.encode(src)).float(), -1)
     # bf16 keeps 8 bits of mantissa: log-probabilities within a few hundredths.
     torch.testing.assert_close(out, ref, rtol=0, atol=0.1)
+
+
+def test_inference_on_an_accelerator_never_selects_cudnn_attention(monkeypatch):
+    """cuDNN's attention plans for every new key length (each decoding step's): inference off the
+    CPU must call sdpa with that kernel disabled, and training leaves the choice to torch. The
+    model runs on the meta device, which takes the accelerator path without a GPU."""
+    cudnn_enabled: list[tuple[bool, bool]] = []  # (grad enabled, cuDNN allowed) of each sdpa call
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        cudnn_enabled.append((torch.is_grad_enabled(), torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = tiny().to("meta")
+    src = pad(sentences([5, 8, 3])).to("meta")
+    with torch.inference_mode():
+        memory, cache = model.encode(src), model.new_cache()
+        for _ in range(3):  # decoding steps, each with a longer self-attention key
+            model.decode(torch.full((3, 1), BOS, device="meta"), memory, cache)
+    assert len(cudnn_enabled) == 2 * 1 + 3 * 2 * 2  # encoder layers, then self and cross per step
+    assert not any(allowed for _, allowed in cudnn_enabled)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after each call
+    cudnn_enabled.clear()
+    model.train()(src, torch.full((3, 2), BOS, device="meta"))
+    assert cudnn_enabled and all(grad and allowed for grad, allowed in cudnn_enabled)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -279,3 +280,34 @@ def test_divergence_gap_measures_the_first_difference(trained):
     assert out[0] == first  # greedy takes the best first token
     gap = divergence_gap(trained, src, [first], [second])
     assert gap == pytest.approx(float(lp[first] - lp[second]), abs=1e-6) and gap > 0
+
+
+def test_each_decoding_step_reads_one_value_back_from_the_device(monkeypatch):
+    """On a GPU every read-back (`.tolist()`, `bool()`, ...) waits for the device: a step of
+    greedy or beam search in which nothing ends reads back once (what ended), no more."""
+    model = tiny()
+    src = random_batch(4, seed=3, lo=6, hi=7)  # one length: every sentence may make 5 tokens
+    events: list[str] = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def reading(self, *args, _real=real, **kwargs):
+            events.append("read")
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, reading)
+    decode = model.decode
+
+    def stepping(*args, **kwargs):
+        events.append("step")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(model, "decode", stepping)
+    for search_one in (greedy, functools.partial(beam_search, beam=3)):
+        events.clear()
+        search_one(model, src, max_len_a=0.0, max_len_b=5, min_len=5)  # no EOS before the 5th token
+        steps = "".join("|" if e == "step" else "r" for e in events).split("|")[1:]
+        assert len(steps) == 5
+        # Nothing ends before the last step; the first also asks, on a CPU only, whether any
+        # source is padded (key_padding_mask).
+        assert steps[0] in ("r", "rr") and steps[1:4] == ["r"] * 3, steps
