@@ -151,7 +151,8 @@ def read_run(arg: str | Path) -> Run:
 
 def config_differences(configs: list[Config]) -> dict[str, list[Any]]:
     """The config keys (dotted, as on the command line) whose values are not the same in all
-    configs, with each config's value; a key one config lacks (a source of data.sources) is None."""
+    configs, with each config's value; a key one config lacks (a setting of a source the other
+    configs do not have) counts as None."""
     flat = [flatten(to_dict(c)) for c in configs]
     keys = dict.fromkeys(k for f in flat for k in f)  # in order of first appearance
     return {k: [f.get(k) for f in flat] for k in keys if any(f.get(k) != flat[0].get(k) for f in flat)}
@@ -172,11 +173,21 @@ def best_validation(run: Run, metric: str) -> tuple[float, int] | None:
 
 
 def _references(run: Run, split: str) -> tuple[Path, list[str]]:
-    path = run.config.prepared_dir / f"{split}.tgt.txt"
+    """The references of a prepared split, from the run's config (paths relative to where it ran)."""
+    directory = run.config.prepared_dir
+    if not (directory / "meta.json").is_file():
+        raise MTError(
+            f"{run.label}: no prepared data at {directory} to score against: run `mt compare` where the run "
+            f"was trained (paths in its config.yaml are relative to that directory), or prepare its data"
+        )
+    splits = list(_read_json(directory / "meta.json", run.label).get("splits", {}))
+    if split not in splits:
+        raise MTError(f"{run.label}: no split '{split}' in {directory}; its splits are {', '.join(splits)}")
+    path = directory / f"{split}.tgt.txt"
     if not path.is_file():
         raise MTError(
-            f"{run.label}: no references of split '{split}' at {path}: run `mt compare` where the run "
-            f"was trained (paths in its config.yaml are relative to that directory), or prepare its data"
+            f"{run.label}: split '{split}' of {directory} keeps no raw text to score against (only "
+            f"validation and test splits do)"
         )
     return path, read_lines(path)
 
@@ -253,7 +264,8 @@ def paired_bootstrap(
 ) -> tuple[list[dict[str, TestScore]], dict[str, str]]:
     """sacreBLEU's paired bootstrap resampling of BLEU and chrF, each system against the first:
     per system {bleu, chrf} scores, and the metrics' signatures (with seed and resamples). The
-    seed is sacreBLEU's: 12345, or the SACREBLEU_SEED environment variable."""
+    seed is sacreBLEU's: 12345, or the SACREBLEU_SEED environment variable. One departure: a
+    system whose translations are the baseline's has p-value 1 (see below)."""
     # As `sacrebleu REF -i SYS... --paired-bs` builds them: references cached in the metrics.
     metrics = {"BLEU": BLEU(references=[references]), "CHRF": CHRF(references=[references])}
     signatures, results = PairedTest(systems, metrics, None, test_type="bs", n_samples=resamples)()
@@ -262,7 +274,13 @@ def paired_bootstrap(
         baseline = results[name][0].score
         for i, r in enumerate(results[name]):
             delta = None if i == 0 else r.score - baseline
-            scores[i][key] = TestScore(float(r.score), float(r.mean), float(r.ci), r.p_value, delta)
+            p_value = r.p_value
+            if i and systems[i][1] == systems[0][1]:
+                # Translations equal to the baseline's differ by exactly 0 in every resample, and
+                # sacreBLEU, counting resampled differences strictly above the observed one, finds
+                # none and reports its smallest p-value, 1 / (resamples + 1): "significant".
+                p_value = 1.0
+            scores[i][key] = TestScore(float(r.score), float(r.mean), float(r.ci), p_value, delta)
     return scores, {name: signatures[name].format() for name in METRICS.values()}
 
 
