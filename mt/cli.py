@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One table for runs of `mt train` (directories, standing for their best checkpoint, "
         "or checkpoints): the config keys that differ, steps, epochs, training time, best validation "
         "BLEU/chrF and their steps, test BLEU and chrF of the translations `mt train` wrote, each with "
-        "sacreBLEU's paired bootstrap resampling against the first run (mean, 95%% confidence interval, "
+        "sacreBLEU's paired bootstrap resampling against the first run (mean, 95% confidence interval, "
         "p-value; p < 0.05 is significant). Run it where the runs were trained: the references are read "
         "from their prepared data.",
     )
