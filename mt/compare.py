@@ -106,7 +106,8 @@ def _read_json(path: Path, label: str) -> dict[str, Any]:
     return value
 
 
-def _validation_records(path: Path, label: str) -> list[dict[str, Any]]:
+def _metrics(path: Path, label: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -114,11 +115,9 @@ def _validation_records(path: Path, label: str) -> list[dict[str, Any]]:
     records = []
     for i, line in enumerate(lines, 1):
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except ValueError:
             raise MTError(f"{label}: {path}, line {i}: not a JSON record") from None
-        if record.get("kind") == "valid":
-            records.append(record)
     return records
 
 
@@ -145,8 +144,15 @@ def read_run(arg: str | Path) -> Run:
     metrics = directory / "metrics.jsonl"
     if not metrics.is_file():
         raise MTError(f"{label}: not a complete run of `mt train` (no {metrics})")
-    valid = _validation_records(metrics, label)
-    return Run(label, directory, checkpoint, cfg, _read_json(summary, label), valid)
+    records, finished = _metrics(metrics, label), _read_json(summary, label)
+    logged = max((r.get("step", 0) for r in records), default=0)
+    if logged > finished.get("steps", 0):  # summary.json is of an earlier end
+        raise MTError(
+            f"{label}: the run is incomplete (it was resumed: {metrics} goes to step {logged}, {summary} "
+            f"ends at step {finished.get('steps', 0)}); finish it with the `mt train` command that resumed it"
+        )
+    valid = [r for r in records if r.get("kind") == "valid"]
+    return Run(label, directory, checkpoint, cfg, finished, valid)
 
 
 def config_differences(configs: list[Config]) -> dict[str, list[Any]]:
@@ -288,7 +294,7 @@ def paired_bootstrap(
 
 
 def compare(
-    args: list[str | Path],
+    paths: list[str | Path],
     split: str | None = None,
     beam: int | None = None,
     resamples: int = RESAMPLES,
@@ -298,7 +304,7 @@ def compare(
     with `split`, on translations of that prepared split made now."""
     if resamples < 1:
         raise MTError(f"--resamples must be >= 1, got {resamples}")
-    runs = [read_run(a) for a in args]
+    runs = [read_run(p) for p in paths]
     if split is None:
         translations = [recorded_translations(r, "test", beam) for r in runs]
     else:

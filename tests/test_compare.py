@@ -235,6 +235,8 @@ def _other_references(prepared_dir: Path, to: Path, change) -> Path:
         ("missing", "{x}: no such run directory or checkpoint"),
         ("not a run", "{x}: not a run directory of `mt train` (no {x}/config.yaml)"),
         ("incomplete", "{x}: the run is incomplete (no {x}/summary.json: it is still training"),
+        ("resumed", "{x}: the run is incomplete (it was resumed: {x}/metrics.jsonl goes to step 7, "
+                    "{x}/summary.json ends at step 6)"),
         ("no test translations", "{x}: no test translations of checkpoint_best.pt with beam 2"),
         ("beam not scored", "no test translations of checkpoint_best.pt with beam 3"),
         ("different references", "{a} and {x} were scored on different references"),
@@ -257,6 +259,9 @@ def test_runs_that_cannot_be_compared_are_one_line_errors(runs, prepared_dir, tm
         x.mkdir()
     elif case == "incomplete":
         (_copy_run(b, x) / "summary.json").unlink()
+    elif case == "resumed":  # a run that ended, resumed with a larger budget: still training
+        with open(_copy_run(b, x) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 7, "epoch": 0, "kind": "train", "loss": 4.0}) + "\n")
     elif case == "no test translations":
         for f in _copy_run(b, x).glob("*.test.*"):
             f.unlink()
