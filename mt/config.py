@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
 import types
 import typing
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from os.path import normpath
 from pathlib import Path
 from typing import Any, Literal
 
@@ -506,7 +506,7 @@ def _config_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
         if not isinstance(base, str) or not base.strip():
             raise ConfigError(f"{path}: {BASE_KEY}: {base!r} is not a valid value; expected the path "
                               f"of the config file it extends, relative to {path.name}")
-        base_path = Path(os.path.normpath(path.parent / base))  # shown in messages: no a/../b
+        base_path = Path(normpath(path.parent / base))  # shown in messages: no a/../b
         if not base_path.is_file():
             raise ConfigError(f"{path}: {BASE_KEY}: config file not found: {base_path}")
         if base_path.resolve() in seen:
