@@ -305,5 +305,5 @@ def test_a_config_that_mt_did_not_write_is_an_error(runs, tmp_path):
         read_run(copy)
 
 
-def test_to_json_is_json(runs):
+def test_one_run_alone_is_the_baseline_and_its_json_round_trips(runs):
     assert json.loads(json.dumps(to_json(compare([runs[0]]))))["runs"][0]["test"]["bleu"]["p_value"] is None
