@@ -1,4 +1,4 @@
-"""The `mt` command: prepare, train, translate, evaluate, average, export.
+"""The `mt` command: prepare, train, translate, evaluate, compare, average, export.
 
 Errors a user can fix (`MTError`) are printed as one line without a traceback
 and exit with status 2; anything else is a bug and keeps its traceback. Ctrl-C
@@ -55,6 +55,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from mt.commands.evaluate import evaluate_cli
 
     evaluate_cli(args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from mt.commands.compare import compare_cli
+
+    compare_cli(args)
 
 
 def _cmd_average(args: argparse.Namespace) -> None:
@@ -157,6 +163,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     e.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     e.set_defaults(func=_cmd_evaluate)
+
+    m = sub.add_parser(
+        "compare",
+        help="compare training runs: config differences, scores, paired bootstrap significance",
+        description="One table for runs of `mt train` (directories, standing for their best checkpoint, "
+        "or checkpoints): the config keys that differ, steps, epochs, training time, best validation "
+        "BLEU/chrF and their steps, test BLEU and chrF of the translations `mt train` wrote, each with "
+        "sacreBLEU's paired bootstrap resampling against the first run (mean, 95% confidence interval, "
+        "p-value; p < 0.05 is significant). Run it where the runs were trained: the references are read "
+        "from their prepared data.",
+    )
+    m.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run directory or checkpoint; the first is the baseline"
+    )
+    m.add_argument(
+        "--split",
+        help="translate this prepared split (e.g. test, test2017) with each checkpoint now, writing the "
+        "translations next to it as `mt evaluate` does (default: reuse the test translations of `mt train`)",
+    )
+    m.add_argument("--beam", type=int, help="beam size of the translations (default: each run's decode.beam)")
+    m.add_argument(
+        "--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000, sacreBLEU's)"
+    )
+    m.add_argument(
+        "--output",
+        metavar="FILE",
+        help="the validation curves overlaid: .png, .svg, .pdf, or .html (a page with table and curves)",
+    )
+    m.add_argument("--json", action="store_true", help="print the comparison as JSON instead of the table")
+    m.add_argument("--device", help="with --split: cpu, cuda, cuda:1 (default: cuda when available)")
+    m.set_defaults(func=_cmd_compare)
 
     a = sub.add_parser(
         "average",

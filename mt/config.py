@@ -1,8 +1,10 @@
 """Experiment configuration: one dataclass per section, loaded from YAML.
 
 An experiment is a YAML file with the sections `data`, `model`, `train` and
-`decode`. Every field has a type and a default here, and only here. Command-line
-overrides use dotted paths (`train.lr=5e-4`); their values are parsed as YAML
+`decode`. Every field has a type and a default here, and only here. A file may
+extend another with a top-level `base: other.yaml` (a path relative to the file)
+and give only the keys that change; bases may have bases. Command-line overrides
+use dotted paths (`train.lr=5e-4`), applied last; their values are parsed as YAML
 scalars. Unknown keys and wrongly typed values are errors that name the key.
 """
 
@@ -15,6 +17,7 @@ import types
 import typing
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from os.path import normpath
 from pathlib import Path
 from typing import Any, Literal
 
@@ -445,10 +448,9 @@ def parse_override(arg: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def from_dict(raw: dict[str, Any], where: str = "") -> Config:
-    cfg = Config()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}expected a mapping with sections {', '.join(SECTIONS)}")
+def _apply(cfg: Config, raw: dict[str, Any], where: str) -> None:
+    """Set the keys of one YAML mapping on `cfg`: each key given replaces the value before it
+    (a mapping or a list as a whole); `where` prefixes errors."""
     for section, values in raw.items():
         if section not in SECTIONS:
             _set(cfg, str(section), "", None, where)  # raises the unknown-section error
@@ -458,23 +460,68 @@ def from_dict(raw: dict[str, Any], where: str = "") -> Config:
             raise ConfigError(f"{where}section '{section}' must be a mapping of keys to values")
         for key, value in values.items():
             _set(cfg, section, str(key), value, where)
+
+
+def from_dict(raw: dict[str, Any], where: str = "") -> Config:
+    cfg = Config()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}expected a mapping with sections {', '.join(SECTIONS)}")
+    _apply(cfg, raw, where)
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML experiment file and apply `section.key=value` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+BASE_KEY = "base"  # top-level key: the config file this one extends
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """One YAML file's top-level mapping, as written."""
     try:
         raw = _load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid YAML: not UTF-8 ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
-    cfg = from_dict(raw, where=f"{path}: ")
+    return raw
+
+
+def _config_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The files a config consists of, the root base first and `path` last, each with its own
+    mapping (without `base`). A missing base or a cycle is a ConfigError naming the files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    seen: list[Path] = []  # resolved, to find a cycle however the paths are spelt
+    while True:
+        raw = _read_mapping(path)
+        seen.append(path.resolve())
+        chain.append((path, raw))
+        base = raw.pop(BASE_KEY, None)
+        if base is None:
+            return chain[::-1]
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: {BASE_KEY}: {base!r} is not a valid value; expected the path "
+                              f"of the config file it extends, relative to {path.name}")
+        base_path = Path(normpath(path.parent / base))  # shown in messages: no a/../b
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: {BASE_KEY}: config file not found: {base_path}")
+        if base_path.resolve() in seen:
+            files = " -> ".join(str(p) for p, _ in chain) + f" -> {base_path}"
+            raise ConfigError(f"{path}: {BASE_KEY}: config files extend each other in a cycle: {files}")
+        path = base_path
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML experiment file, on top of the files it extends (`base:`), and apply
+    `section.key=value` overrides."""
+    path = Path(path)
+    cfg = Config()
+    for file, raw in _config_chain(path):
+        _apply(cfg, raw, where=f"{file}: ")
     for arg in overrides:
         section, key, value = parse_override(arg)
         _set(cfg, section, key, value, where="command line: ")
@@ -488,9 +535,25 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
 
 
+SAVED_HEADER = re.compile(r"# resolved config of '(.*)'")  # the first line save_config writes
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config, so a run can be reproduced from what it wrote; a failed write
     (a full disk) is an MTError naming the file."""
     text = f"# resolved config of '{cfg.name}'\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
     with AtomicFile(path, "write config") as out:
         out.commit(text.encode("utf-8"))
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """A config that save_config wrote (a run's config.yaml), with the experiment's name of its
+    first line, on which the default paths depend (data/prepared/<name>)."""
+    cfg = load_config(path)
+    first = Path(path).read_text(encoding="utf-8").split("\n", 1)[0]
+    match = SAVED_HEADER.fullmatch(first)
+    if match is None:
+        raise ConfigError(f"{path}: not a config written by mt (its first line should be "
+                          f"\"# resolved config of 'NAME'\")")
+    cfg.name = match.group(1)
+    return cfg

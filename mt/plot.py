@@ -1,10 +1,15 @@
-"""Training and validation curves as a PNG, from metrics.jsonl."""
+"""Training and validation curves: a run's, as a PNG from metrics.jsonl; several runs' validation
+curves overlaid (mt compare). Both need matplotlib (the `plot` extra)."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+from mt.errors import MTError
 
 
 def plot_metrics(metrics: Path, out: Path) -> bool:
@@ -36,3 +41,51 @@ def plot_metrics(metrics: Path, out: Path) -> bool:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return True
+
+
+# metrics.jsonl key -> axis title, in the order of the panels
+VALIDATION_PANELS = {"valid_bleu": "validation BLEU (greedy)", "valid_chrf": "validation chrF (greedy)",
+                     "valid_loss": "validation loss per token"}
+FIGURE_FORMATS = ("png", "svg", "pdf")
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on a backend without a display; an error that says what to install."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MTError("plotting needs matplotlib: pip install 'mt[plot]'") from None
+    return plt
+
+
+def check_plotting() -> None:
+    """Fail now, before long work, if a figure could not be drawn later."""
+    _pyplot()
+
+
+def validation_figure(runs: dict[str, list[dict[str, Any]]], fmt: str) -> bytes:
+    """The validation curves of several runs overlaid, one panel per metric any run logged
+    (BLEU, chrF, loss against the step), as `fmt` (png, svg or pdf) bytes."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [k for k in VALIDATION_PANELS if any(k in r for rows in runs.values() for r in rows)]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False)
+    for ax, key in zip(axes[0], panels, strict=False):
+        for label, rows in runs.items():
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), "o-", ms=3, label=label)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(VALIDATION_PANELS[key])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format=fmt, dpi=100)
+    plt.close(fig)
+    return out.getvalue()

@@ -1,13 +1,22 @@
 """Experiment configs: the shipped ones load, overrides, and every mistake is one error line that
 names the key, in `load_config` and through the CLI."""
 
+import re
 from pathlib import Path
 
 import pytest
 from helpers import REPO
 
 from mt.cli import main
-from mt.config import Config, SourceConfig, load_config, parse_override, save_config, to_dict
+from mt.config import (
+    Config,
+    SourceConfig,
+    load_config,
+    load_saved_config,
+    parse_override,
+    save_config,
+    to_dict,
+)
 from mt.errors import ConfigError
 
 
@@ -18,7 +27,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_shipped_configs_load():
-    for name in ("multi30k_de_en", "iwslt2017_de_en", "iwslt14_de_en", "wmt14_en_de", "tiny"):
+    shipped = ("multi30k_de_en", "multi30k_de_en_dropout", "iwslt2017_de_en", "iwslt14_de_en", "wmt14_en_de")
+    for name in (*shipped, "tiny"):
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert cfg.name == name
     wmt = load_config(REPO / "configs" / "wmt14_en_de.yaml")  # Transformer base, shared 32k vocabulary
@@ -240,3 +250,104 @@ def test_source_mistakes_name_the_source_and_key(tmp_path, text, override, messa
 def test_an_eval_source_needs_sources(tmp_path):
     with pytest.raises(ConfigError, match="data.eval_source: names one of data.sources, and there are none"):
         load_config(write(tmp_path, "data:\n  local_dir: x\n  eval_source: a\n"))
+
+
+# --------------------------------------------------------------------------- configs that extend others
+
+
+def write_at(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_variant_differs_from_the_default_in_dropout_only():
+    default = to_dict(load_config(REPO / "configs" / "multi30k_de_en.yaml"))
+    variant = to_dict(load_config(REPO / "configs" / "multi30k_de_en_dropout.yaml"))
+    assert variant["model"].pop("dropout") == 0.3 and default["model"].pop("dropout") == 0.1
+    assert variant == default
+
+
+def test_a_variant_replaces_its_base_keys_and_overrides_come_last(tmp_path):
+    write_at(tmp_path / "base.yaml", "data:\n  local_dir: x\n  local_splits: {train: tr, valid: va}\n"
+             "model: {layers: 2, d_model: 64}\ntrain: {lr: 1.0e-3, max_steps: 10}\n")
+    variant = write_at(tmp_path / "variant.yaml", "base: base.yaml\ndata:\n  local_splits: {train: t}\n"
+                       "train: {lr: 2.0e-3}\n")
+    cfg = load_config(variant, ["model.layers=5"])
+    assert cfg.name == "variant"  # the variant's name: its own runs/ and data/prepared/ directories
+    assert (cfg.train.lr, cfg.train.max_steps) == (2e-3, 10)  # the variant's key, the base's key
+    assert (cfg.model.layers, cfg.model.d_model) == (5, 64)  # the command line over the base
+    assert cfg.data.local_splits == {"train": "t"}  # a mapping is replaced as a whole
+    assert load_config(variant, ["train.lr=3e-3"]).train.lr == 3e-3  # the command line over the variant
+
+
+def test_bases_chain_with_paths_relative_to_each_file(tmp_path, monkeypatch):
+    write_at(tmp_path / "common" / "root.yaml", "data: {local_dir: x}\nmodel: {layers: 2, heads: 2}\n")
+    write_at(tmp_path / "parent.yaml", "base: common/root.yaml\nmodel: {layers: 3}\ntrain: {lr: 0.1}\n")
+    child = write_at(tmp_path / "exp" / "child.yaml", "base: ../parent.yaml\ntrain: {lr: 0.2}\n")
+    monkeypatch.chdir(tmp_path / "common")  # not relative to the working directory
+    cfg = load_config(child)
+    assert (cfg.model.layers, cfg.model.heads, cfg.train.lr, cfg.data.local_dir) == (3, 2, 0.2, "x")
+
+
+def test_a_cycle_of_bases_is_one_error_naming_the_files(tmp_path):
+    a = write_at(tmp_path / "a.yaml", "base: b.yaml\ndata: {local_dir: x}\n")
+    write_at(tmp_path / "b.yaml", "base: sub/../a.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(a)
+    b = tmp_path / "b.yaml"
+    assert str(e.value) == f"{b}: base: config files extend each other in a cycle: {a} -> {b} -> {a}"
+    itself = write_at(tmp_path / "self.yaml", "base: self.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(itself)
+    assert str(e.value) == f"{itself}: base: config files extend each other in a cycle: {itself} -> {itself}"
+
+
+def test_a_missing_base_is_one_error_naming_both_files(tmp_path):
+    variant = write_at(tmp_path / "v.yaml", "base: ../nope.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(variant)
+    assert str(e.value) == f"{variant}: base: config file not found: {tmp_path.parent / 'nope.yaml'}"
+
+
+@pytest.mark.parametrize("value", ["3", "[a.yaml]", "''"])
+def test_a_base_that_is_not_a_path_is_an_error(tmp_path, value):
+    variant = write_at(tmp_path / "v.yaml", f"base: {value}\ndata: {{local_dir: x}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(variant)
+    assert str(e.value).startswith(f"{variant}: base: ")
+    assert "expected the path of the config file it extends" in str(e.value)
+
+
+def test_a_mistake_in_a_base_names_the_base(tmp_path):
+    base = write_at(tmp_path / "base.yaml", "data: {local_dir: x}\ntrain: {lrr: 1}\n")
+    variant = write_at(tmp_path / "v.yaml", "base: base.yaml\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{base}: unknown config key 'train.lrr'")):
+        load_config(variant)
+    write_at(tmp_path / "base.yaml", "data: [\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{base}: not valid YAML")):
+        load_config(variant)
+    write_at(tmp_path / "base.yaml", "data: {local_dir: x}\n")
+    write_at(tmp_path / "v.yaml", "base: base.yaml\nmodel: {layers: many}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{variant}: model.layers: 'many' is not")):
+        load_config(variant)
+
+
+def test_the_written_config_of_a_variant_equals_its_flat_equivalent(tmp_path):
+    write_at(tmp_path / "v" / "base.yaml", "data: {local_dir: x, vocab_size: 500}\nmodel: {layers: 2}\n")
+    variant = write_at(tmp_path / "v" / "exp.yaml", "base: base.yaml\nmodel: {dropout: 0.3}\n")
+    flat = write_at(tmp_path / "flat" / "exp.yaml",
+                    "data: {local_dir: x, vocab_size: 500}\nmodel: {layers: 2, dropout: 0.3}\n")
+    save_config(load_config(variant, ["train.lr=1e-3"]), tmp_path / "variant.yaml")
+    save_config(load_config(flat, ["train.lr=1e-3"]), tmp_path / "flat.yaml")
+    written = (tmp_path / "variant.yaml").read_text()
+    assert written == (tmp_path / "flat.yaml").read_text()
+    assert "base" not in written and written.startswith("# resolved config of 'exp'\n")
+    assert load_saved_config(tmp_path / "variant.yaml").name == "exp"  # the name as written
+
+
+def test_a_base_cycle_via_the_cli_is_one_line(tmp_path, capsys):
+    a = write_at(tmp_path / "a.yaml", "base: a.yaml\n")
+    assert main(["prepare", str(a)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"mt prepare: error: {a}: base: ") and "cycle" in err
