@@ -223,6 +223,15 @@ class AtomicFile:
             self.discard()
 
 
+def file_above(path: Path) -> Path | None:
+    """The nearest existing parent of `path` when it is not a directory (a file where a directory
+    must be, which mkdir reports as "File exists" or "Not a directory"); None otherwise."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Write UTF-8 `text` to `path` atomically (see AtomicFile)."""
     with AtomicFile(path) as out:
