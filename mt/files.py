@@ -208,7 +208,10 @@ class AtomicFile:
 
     def discard(self) -> None:
         self._open = False
-        self.file.close()
+        # Closing flushes what is buffered, which fails again on a full disk; the file is closed
+        # all the same, and what it held is being thrown away.
+        with contextlib.suppress(OSError):
+            self.file.close()
         if not self.direct:  # a path written in place is the user's: it stays
             with contextlib.suppress(OSError):
                 self.tmp.unlink(missing_ok=True)

@@ -12,7 +12,6 @@ line naming the data set, the split and the cause.
 
 from __future__ import annotations
 
-import errno
 import gzip
 import os
 import zlib
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from mt.config import DataConfig, SourceConfig
-from mt.errors import DataError
+from mt.errors import DataError, disk_full, exception_chain
 
 if TYPE_CHECKING:  # imported where data is loaded: training from a prepared cache needs no `datasets`
     import datasets
@@ -32,8 +31,6 @@ if TYPE_CHECKING:  # imported where data is loaded: training from a prepared cac
 MAIN = "main"
 # What `datasets` (5.x) raises for a repository whose data needs a loading script.
 SCRIPT_REFUSED = "Dataset scripts are no longer supported"
-# Errors of a full disk: reported by `mt prepare` as such (naming the file), not as a load failure.
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -331,10 +328,10 @@ def _load_hub(src: Source, split: str) -> datasets.Dataset:
         )
     except Exception as e:  # `datasets` fails in many ways (RuntimeError, ValueError, its own errors)
         cause = e
-    chain = _chain(cause)
-    for e in chain:
-        if isinstance(e, OSError) and e.errno in DISK_FULL:  # `mt prepare` says "disk full", naming the file
-            raise e from None
+    chain = exception_chain(cause)
+    full = disk_full(cause)
+    if full is not None:  # `mt prepare` says "disk full", naming the file, not "cannot load"
+        raise full from None
     reason = " ".join(str(cause).split())
     if isinstance(cause, RuntimeError) and SCRIPT_REFUSED in reason:
         script = reason.rsplit(" ", 1)[-1]
@@ -356,14 +353,6 @@ def _load_hub(src: Source, split: str) -> datasets.Dataset:
         f"{key}.hub: cannot load '{src.describe()}', split '{hub_split}': "
         f"{type(cause).__name__}: {reason}{where}"
     ) from None
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-    """An exception and those it was raised from or during, outermost first."""
-    chain = [e]
-    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
-        chain.append(nxt)
-    return chain
 
 
 def _check_columns(ds: datasets.Dataset, src: Source, split: str, data: DataConfig) -> datasets.Dataset:
