@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DRIVER, KILLED, corpus_config, corpus_files, error_line, run_mt, synthetic_pairs
+from helpers import (
+    DRIVER,
+    KILLED,
+    REPO,
+    corpus_config,
+    corpus_files,
+    error_line,
+    run_mt,
+    synthetic_pairs,
+)
 
 import mt.checkpoint as ckpt_mod
 import mt.trainer as trainer_mod
@@ -190,6 +200,22 @@ def test_last_checkpoints_are_averaged_and_scored(tmp_path, corpus):
     assert steps == ["checkpoint_step4.pt", "checkpoint_step6.pt"]
     assert (cfg.out_dir / "checkpoint_avg.pt").exists()
     assert {"best_beam2", "best_beam1", "averaged_beam2", "averaged_beam1"} <= set(result["test"])
+
+
+FUSED_ADAMW_ON_CPU = (2, 4)  # the first torch whose AdamW(fused=True) runs on the CPU
+
+
+def test_the_torch_floor_has_the_fused_adamw_the_trainer_builds_on_the_cpu(tmp_path, corpus, prepared_dir):
+    cfg = _cfg(tmp_path, corpus, "train.device=cpu", f"data.prepared_dir={prepared_dir}")
+    trainer = trainer_mod.Trainer(cfg)
+    try:
+        fused = trainer.optimizer.defaults.get("fused")
+    finally:
+        trainer.close()
+    floor = re.search(r'"torch>=(\d+)\.(\d+)', (REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert floor is not None
+    if fused:  # an older torch allowed by pyproject.toml would fail at the first step
+        assert (int(floor[1]), int(floor[2])) >= FUSED_ADAMW_ON_CPU, floor[0]
 
 
 def test_fp16_decoding_on_cpu_is_refused_before_training(tmp_path, corpus):
