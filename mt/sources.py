@@ -248,20 +248,41 @@ class HubSplit(Split):
         super().__init__(source, split, len(ds))
         self.ds, self.src_lang, self.tgt_lang = ds, src_lang, tgt_lang
 
+    def _start(self) -> int | None:
+        """Where the data set's rows begin in its Arrow files: 0 for a whole split, 1000 for a
+        slice `train[1000:]` (whose files are the whole split's); None when its rows are not one
+        run of one split's rows (`train+validation`), or the split sizes are unknown."""
+        import datasets
+
+        spec = self.source.splits[self.split]
+        sizes = {name: info.num_examples for name, info in (self.ds.info.splits or {}).items()}
+        try:
+            read = datasets.ReadInstruction.from_spec(spec).to_absolute(sizes)
+        except (ValueError, KeyError, AssertionError):  # datasets checks specs with assert too
+            return None
+        return read[0].from_ if len(read) == 1 else None
+
     def _tables(self) -> Iterator[pa.Table | pa.RecordBatch]:
         """The rows in order, from the data set's Arrow files by plain reads when it has files:
         iterating its memory-mapped table would leave every page of a multi-GB file resident
-        in this process. The data set is those files' first len() rows (a whole split, or the
-        first max_train_pairs of it)."""
+        in this process. The data set is len() rows of those files from `_start()` on (a whole
+        split or a slice of one, or the first max_train_pairs of either); anything else is read
+        through the data set itself."""
         import pyarrow as pa
 
         files = [f["filename"] for f in self.ds.cache_files]
-        if not files:  # held in memory
+        start = self._start() if files else None
+        if start is None:  # held in memory, or rows of several splits
             yield from self.ds.with_format("arrow").iter(batch_size=10_000)
             return
         for name in files:
             with pa.OSFile(name) as f:
-                yield from pa.ipc.open_stream(f)
+                for batch in pa.ipc.open_stream(f):
+                    if start >= batch.num_rows:  # before the slice
+                        start -= batch.num_rows
+                        continue
+                    yield batch.slice(start)
+                    start = 0
 
     def _columns(self, table: pa.Table | pa.RecordBatch) -> tuple[list[str], list[str]]:
         import pyarrow.compute as pc

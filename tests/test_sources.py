@@ -234,3 +234,29 @@ def test_a_hub_source_keeps_the_first_max_train_pairs_of_its_training_split(tmp_
     assert data.meta["splits"]["train"]["read"] == 50
     first = multi30k_lines("train", "de")[0]
     assert data.tokenizer.src.decode(data.split("train").src(0).tolist()) == first
+
+
+@pytest.mark.parametrize(
+    "splits, pairs, first, valid",
+    [
+        ("{train: 'train[:280]', valid: 'train[280:]', test: test}", 0, 0, (280, 300)),
+        ("{train: 'train[100:]', valid: 'train[:20]', test: test}", 50, 100, (0, 20)),
+        ("{train: 'train[-90%:]', valid: 'train[:10%]', test: test}", 0, 30, (0, 30)),
+    ],
+    ids=["head and tail", "a tail cut by max_train_pairs", "percentages"],
+)
+def test_a_sliced_hub_split_reads_exactly_its_rows_so_validation_never_leaks_into_training(
+    tmp_path, monkeypatch, splits, pairs, first, valid
+):
+    iwslt2017_repository(tmp_path, PARQUET)
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"data.hub_splits={splits}", f"data.max_train_pairs={pairs}", "data.vocab_size=200"]
+    cfg = load_config(REPO / "configs" / "iwslt2017_de_en.yaml", overrides)
+    data = load_prepared(prepare(cfg, quiet=True))
+    lines = multi30k_lines("train", "de")  # the copy's train split: Multi30k's first 300 pairs
+    assert data.text("valid", "src") == list(lines[valid[0] : valid[1]])
+    train_split = data.split("train")
+    trained = {data.tokenizer.src.decode(train_split.src(i).tolist()) for i in range(len(train_split))}
+    assert data.tokenizer.src.decode(train_split.src(0).tolist()) == lines[first]
+    assert len(trained) == data.meta["splits"]["train"]["read"] == (pairs or 300 - (valid[1] - valid[0]))
+    assert not trained & set(data.text("valid", "src")), "validation rows leaked into training"
