@@ -137,7 +137,25 @@ def plan(cfg: DataConfig) -> Plan:
     train = [s for s in srcs if "train" in s.splits]
     if not train:
         raise DataError("data: no source has a 'train' split (in the local_splits or hub_splits it uses)")
-    return Plan(train, next((s for s in srcs if s.name == cfg.eval_source), srcs[0]))
+    evaluation = next((s for s in srcs if s.name == cfg.eval_source), srcs[0])
+    if "valid" not in evaluation.splits:
+        raise DataError(no_valid_split(evaluation, cfg))
+    return Plan(train, evaluation)
+
+
+def no_valid_split(src: Source, cfg: DataConfig) -> str:
+    """Why a corpus without a 'valid' split is refused: training would validate nothing, pick a
+    "best" checkpoint blindly and never stop early, all silently."""
+    key = f"{src.key}.{'local_splits' if src.local else 'hub_splits'}"
+    which = "" if not cfg.sources else (
+        f" of source '{src.name}', the evaluation source"
+        f"{' (data.eval_source)' if cfg.eval_source else ' (the first; data.eval_source names another)'}"
+    )
+    return (
+        f"{key}: no 'valid' split{which} ({', '.join(sorted(src.splits)) or 'none'} only): training "
+        f"needs one to validate, keep the best checkpoint and stop early; add it (e.g. valid: dev)"
+        + (", or set data.eval_source to a source that has one" if cfg.sources else "")
+    )
 
 
 def inputs_reachable(cfg: DataConfig) -> bool:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -44,12 +45,12 @@ from mt.config import Config, save_config, to_dict
 from mt.dataset import Prepared, PreparedSplit, load_prepared
 from mt.device import decode_precision, pick_device, train_autocast_dtype
 from mt.distributed import Dist
-from mt.errors import CheckpointError, MTError
+from mt.errors import CheckpointError, DataError, MTError
 from mt.evaluate import score
 from mt.files import DirectoryLock, remove_stale, write_atomic
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
-from mt.prepare import is_up_to_date, prepare, read_meta
+from mt.prepare import is_up_to_date, prepare, pretrained_vocab, read_meta
 from mt.schedule import lr_at, set_lr
 from mt.sources import inputs_reachable, source_configs
 from mt.translator import pad_sources, translate_ids
@@ -66,8 +67,6 @@ DATA_KEYS_OF_IDS = {
         "joint_vocab", "vocab_size", "character_coverage", "spm_max_sentences",
     )
 } | {"train.init_from"}  # whose subword models encode the data
-# Model settings a fine-tuning run may change: the rest decide the shapes of the weights.
-FREE_WHEN_FINE_TUNING = {"model.dropout", "model.attention_dropout", "model.activation_dropout"}
 
 
 def flatten(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -186,9 +185,11 @@ class Trainer:
             last = self._read_last_checkpoint()
             if last is not None:  # before preparing: a changed vocabulary must not rebuild the cache
                 self._check_resumable(last)
+            else:  # before preparing: a checkpoint to fine-tune that cannot be used prepares nothing
+                pretrained_vocab(cfg)
             self.data = self._build_data()
             self.train_split = self.data.split("train")
-            self.valid_split = self.data.split("valid") if "valid" in self.data.meta["splits"] else None
+            self.valid_split = self._valid_split()
             # Seeds the RNGs: weights depend on train.seed only, or are train.init_from's.
             self.raw_model = self._build_model(fresh=last is None)
             self.optimizer = self._build_optimizer()
@@ -204,7 +205,7 @@ class Trainer:
             self.board = self._build_board(resume_step)
             self.log = MetricsLog(self.out / "metrics.jsonl", resume_step, self.dist.is_main, self.board)
         except BaseException:
-            self.close()
+            self.close(abandon=True)
             raise
         self.stop_signal: int | None = None  # SIGINT or SIGTERM, once received
         self.early_stop = False
@@ -213,11 +214,15 @@ class Trainer:
     def stop_requested(self) -> bool:
         return self.stop_signal is not None
 
-    def close(self) -> None:
-        """Let another run have the directory (the lock also dies with the process)."""
+    def close(self, abandon: bool = False) -> None:
+        """Let another run have the directory (the lock also dies with the process). A run whose
+        set-up failed (`abandon`) removes the directory when it made it: a new run that never
+        started leaves nothing behind."""
         if getattr(self, "board", None) is not None:
             self.board.close()
-        if self.lock is not None:
+        if abandon and getattr(self, "made_out_dir", False):
+            shutil.rmtree(self.out, ignore_errors=True)
+        if getattr(self, "lock", None) is not None:
             self.lock.release()
 
     def _claim_out_dir(self) -> DirectoryLock | None:
@@ -225,6 +230,7 @@ class Trainer:
         of runs killed mid-save (never checkpoints) are cleared away."""
         lock = None
         if self.dist.is_main:
+            self.made_out_dir = not self.out.exists()
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -289,6 +295,16 @@ class Trainer:
         self.dist.barrier()
         return load_prepared(directory)
 
+    def _valid_split(self) -> PreparedSplit:
+        """The validation split, which a cache used as it is (its corpus out of reach) may lack:
+        `mt prepare` refuses a corpus without one (mt.sources.no_valid_split says why)."""
+        if "valid" not in self.data.meta["splits"]:
+            raise DataError(
+                f"data: the prepared data in {self.cfg.prepared_dir} has no 'valid' split; training needs "
+                f"one to validate, keep the best checkpoint and stop early: add it and prepare again"
+            )
+        return self.data.split("valid")
+
     def _build_model(self, fresh: bool) -> Transformer:
         seed = self.cfg.train.seed
         # Seed everything before the model exists, so initial weights depend on the seed only.
@@ -306,20 +322,11 @@ class Trainer:
     def _init_weights(self, model: Transformer) -> None:
         """Fine-tuning: the weights of train.init_from, which must fit this model config and the
         prepared token ids (prepared with its subword models); optimizer and schedule start afresh."""
-        path = self.cfg.train.init_from
+        path = self.cfg.train.init_from  # its languages and model shape: checked by pretrained_vocab
         try:
             ck = load_checkpoint(path, map_location="cpu")
         except CheckpointError as e:
             raise CheckpointError(f"train.init_from: {e}") from None
-        then, now = flatten({"model": ck["config"]["model"]}), flatten({"model": to_dict(self.cfg)["model"]})
-        shape = {k: (then[k], v) for k, v in now.items()
-                 if k in then and then[k] != v and k not in FREE_WHEN_FINE_TUNING}
-        if shape:
-            shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in shape.items())
-            raise CheckpointError(
-                f"train.init_from: {path} has another model shape ({shown}, checkpoint -> config); "
-                f"give the model section the checkpoint's values"
-            )
         tok = self.data.tokenizer
         if (ck["spm_src"], ck["spm_tgt"]) != (tok.src_proto, tok.tgt_proto):
             raise CheckpointError(

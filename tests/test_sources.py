@@ -27,7 +27,7 @@ from mt.batching import Mixture, TokenBatcher
 from mt.cli import main
 from mt.config import DataConfig, SourceConfig, load_config
 from mt.dataset import load_prepared
-from mt.errors import CheckpointError
+from mt.errors import CheckpointError, DataError
 from mt.prepare import fingerprint, prepare
 from mt.sources import inputs_reachable
 from mt.trainer import train
@@ -260,3 +260,25 @@ def test_a_sliced_hub_split_reads_exactly_its_rows_so_validation_never_leaks_int
     assert data.tokenizer.src.decode(train_split.src(0).tolist()) == lines[first]
     assert len(trained) == data.meta["splits"]["train"]["read"] == (pairs or 300 - (valid[1] - valid[0]))
     assert not trained & set(data.text("valid", "src")), "validation rows leaked into training"
+
+
+def test_an_evaluation_source_without_a_valid_split_is_refused_before_anything_is_written(
+    tmp_path, capsys
+):
+    cfg = _two_sources(tmp_path / "named", eval_source="synth")
+    for run in (prepare, train):
+        with pytest.raises(DataError) as e:
+            run(cfg)
+        assert str(e.value).startswith(
+            "data.sources[0].local_splits: no 'valid' split of source 'synth', the evaluation source "
+            "(data.eval_source) (train only)"
+        ), str(e.value)
+    assert not cfg.prepared_dir.exists() and not cfg.out_dir.exists()
+    # One corpus: the same refusal, at prepare and train, one line each.
+    corpus = make_corpus(tmp_path / "corpus", n_train=50)
+    args = [str(corpus_config(tmp_path / "one", corpus)), "data.local_splits={train: train, test: test}"]
+    for cmd in ("prepare", "train"):
+        assert main([cmd, *args]) == 2
+        line = error_line(capsys.readouterr().err, cmd)
+        assert "data.local_splits: no 'valid' split (test, train only): training needs one" in line
+    assert not (tmp_path / "one" / "prepared").exists() and not (tmp_path / "one" / "run").exists()

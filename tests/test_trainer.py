@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,8 +38,8 @@ import mt.trainer as trainer_mod
 from mt.checkpoint import load_checkpoint, step_checkpoints
 from mt.cli import main
 from mt.config import load_config
-from mt.errors import CheckpointError, MTError
-from mt.prepare import cache_lock
+from mt.errors import CheckpointError, DataError, MTError
+from mt.prepare import cache_lock, prepare
 from mt.trainer import train
 
 # `corpus` and `prepared_dir` are conftest's, shared by the module (read only).
@@ -216,6 +217,22 @@ def test_the_torch_floor_has_the_fused_adamw_the_trainer_builds_on_the_cpu(tmp_p
     assert floor is not None
     if fused:  # an older torch allowed by pyproject.toml would fail at the first step
         assert (int(floor[1]), int(floor[2])) >= FUSED_ADAMW_ON_CPU, floor[0]
+
+
+def test_a_prepared_cache_without_a_valid_split_is_refused(tmp_path, corpus):
+    """A cache used as it is (its corpus out of reach) that has no validation split, as older
+    versions prepared: training could not validate, so it does not start."""
+    moved = shutil.copytree(corpus, tmp_path / "corpus")
+    cfg = load_config(corpus_config(tmp_path, moved), ["train.max_steps=1"])
+    prepare(cfg, quiet=True)
+    meta_path = cfg.prepared_dir / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    del meta["splits"]["valid"]
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    shutil.rmtree(moved)
+    with pytest.raises(DataError, match=f"the prepared data in {cfg.prepared_dir} has no 'valid' split"):
+        train(cfg)
+    assert not cfg.out_dir.exists()
 
 
 def test_fp16_decoding_on_cpu_is_refused_before_training(tmp_path, corpus):
