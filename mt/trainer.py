@@ -84,6 +84,11 @@ def flatten(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return flat
 
 
+def source_weights(config: dict[str, Any]) -> dict[str, float]:
+    """{source name: weight} of a config's data.sources (as to_dict gives it); {} for one corpus."""
+    return {src["name"]: float(src["weight"]) for src in config["data"].get("sources", [])}
+
+
 def changes_ids(key: str) -> bool:
     """Whether a flattened setting changes what the token ids of the prepared data mean. A source's
     weight does not: it changes how often an epoch shows its pairs, like a batch size would."""
@@ -195,12 +200,16 @@ class Trainer:
             self.optimizer = self._build_optimizer()
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
             self.state = TrainState()
+            # (epoch, source weights) when a resumed epoch keeps the weights it began with.
+            self.kept_weights: tuple[int, dict[str, float]] | None = None
             if last is not None:
                 self._resume(last)  # weights, optimizer, scaler, counters and RNG
             del last
             self._write_config()
             self.model = self._wrap(self.raw_model)  # what the updates call: DDP and/or compiled
             self.batcher = self._build_batcher()
+            # The resumed epoch's batch list is the one its position counts in: its own weights'.
+            self.kept_batcher = self._build_batcher(self.kept_weights[1]) if self.kept_weights else None
             resume_step = self.state.step if self.last_path.exists() else None
             self.board = self._build_board(resume_step)
             self.log = MetricsLog(self.out / "metrics.jsonl", resume_step, self.dist.is_main, self.board)
@@ -375,6 +384,25 @@ class Trainer:
         if self.dist.is_main:
             s = self.state
             print(f"mt train: resuming from {self.last_path} at step {s.step}, epoch {s.epoch}")
+        self._keep_epoch_weights(ck)
+
+    def _keep_epoch_weights(self, ck: dict[str, Any]) -> None:
+        """New source weights take effect at the next epoch: the epoch being resumed keeps the
+        batch list it began with (its weights are in the checkpoint), so that the position in it
+        still means the batches not yet seen, none skipped and none repeated."""
+        then = ck.get("epoch_weights", source_weights(ck["config"]))  # older checkpoints: their config's
+        now = source_weights(to_dict(self.cfg))
+        if then == now:
+            return
+        e = self.state.epoch
+        if self.state.batch_pos:
+            self.kept_weights = (e, then)
+            when = (f"epoch {e} goes on with the weights it began with; the new ones take effect at "
+                    f"epoch {e + 1}")
+        else:
+            when = f"the new ones take effect now, at the start of epoch {e}"
+        if self.dist.is_main:
+            print(f"mt train: source weights changed ({then} -> {now}): {when}")
 
     def _write_config(self) -> None:
         """The resolved config, next to what it produced."""
@@ -394,7 +422,7 @@ class Trainer:
             wrapped = torch.compile(wrapped, dynamic=True)
         return wrapped
 
-    def _build_batcher(self) -> TokenBatcher:
+    def _build_batcher(self, weights: dict[str, float] | None = None) -> TokenBatcher:
         t = self.cfg.train
         try:
             return TokenBatcher(
@@ -404,15 +432,16 @@ class Trainer:
                 t.seed,
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
-                mixture=self._mixture(),
+                mixture=self._mixture(weights),
             )
         except ValueError as e:
             raise MTError(f"train.max_tokens: {e}") from None
 
-    def _mixture(self) -> Mixture | None:
-        """The training split's sources (from the cache) with their weights (from the config)."""
+    def _mixture(self, weights: dict[str, float] | None = None) -> Mixture | None:
+        """The training split's sources (from the cache) with their weights (from the config,
+        unless given)."""
         parts = self.data.train_sources()
-        weights = {s.name: s.weight for s in source_configs(self.cfg.data)}
+        weights = weights or {s.name: s.weight for s in source_configs(self.cfg.data)}
         unknown = [name for name, _ in parts if name not in weights]
         if unknown:  # a cache used as it is, its corpus out of reach, prepared from other sources
             raise MTError(
@@ -440,6 +469,12 @@ class Trainer:
             "rng_ranks": rngs,  # each rank's own dropout stream, for exact multi-process resume
             "metrics": metrics or {},
             "world_size": self.dist.world_size,
+            # The source weights of the epoch under way, whose batch list batch_pos counts in.
+            "epoch_weights": (
+                self.kept_weights[1]
+                if self.kept_weights and self.kept_weights[0] == self.state.epoch
+                else source_weights(to_dict(self.cfg))
+            ),
         }
 
     def save(self, metrics: dict[str, Any] | None = None, best: bool = False) -> None:
@@ -643,12 +678,18 @@ class Trainer:
         position 0 of the next epoch. The batch lists are pure functions of seed and epoch."""
         epoch, pos, accum = self.state.epoch, self.state.batch_pos, self.cfg.train.accum_steps
         while True:
-            batches = self.batcher.epoch_batches(epoch)
+            batches = self._batcher_of(epoch).epoch_batches(epoch)
             while pos < len(batches):
                 chunk = batches[pos : pos + accum]
                 pos += len(chunk)
                 yield chunk, *((epoch + 1, 0) if pos >= len(batches) else (epoch, pos))
             epoch, pos = epoch + 1, 0
+
+    def _batcher_of(self, epoch: int) -> TokenBatcher:
+        """The batcher of `epoch`: a resumed epoch's own weights (kept_weights), else the config's."""
+        if self.kept_batcher is not None and self.kept_weights is not None and epoch == self.kept_weights[0]:
+            return self.kept_batcher
+        return self.batcher
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         """SIGINT (Ctrl-C) or SIGTERM (a scheduler, `docker stop`, `kill`): finish the update,

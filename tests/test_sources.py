@@ -282,3 +282,36 @@ def test_an_evaluation_source_without_a_valid_split_is_refused_before_anything_i
         line = error_line(capsys.readouterr().err, cmd)
         assert "data.local_splits: no 'valid' split (test, train only): training needs one" in line
     assert not (tmp_path / "one" / "prepared").exists() and not (tmp_path / "one" / "run").exists()
+
+
+def _epochs(run):
+    """{step: the epoch the run is in after it} of the train records."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["epoch"] for r in rows if r["kind"] == "train"}
+
+
+@pytest.mark.slow
+def test_new_weights_take_effect_at_the_next_epoch_and_the_resumed_epoch_keeps_its_batches(
+    tmp_path, capsys
+):
+    # Weights (2, 0.5) cut 12 batches an epoch here, (1, 3) 43.
+    budget = ["train.valid_every=0"]
+    whole = _two_sources(tmp_path / "whole", extra=[*budget, "train.max_steps=12"])
+    train(whole)
+    run = _two_sources(tmp_path / "run", extra=[*budget, "train.max_steps=5"])
+    train(run)
+    capsys.readouterr()
+    new = (1.0, 3.0)
+    train(_two_sources(tmp_path / "run", weights=new, extra=[*budget, "train.max_steps=8"]))
+    said = ("source weights changed ({'synth': 2.0, 'iwslt': 0.5} -> {'synth': 1.0, 'iwslt': 3.0}): epoch 0 "
+            "goes on with the weights it began with; the new ones take effect at epoch 1")
+    assert said in capsys.readouterr().out
+    # Resumed again within the epoch: the checkpoint says which weights the epoch began with.
+    train(_two_sources(tmp_path / "run", weights=new, extra=[*budget, "train.max_steps=55"]))
+    assert said in capsys.readouterr().out
+    assert _losses(run.out_dir)[:12] == _losses(whole.out_dir), "epoch 0 is the one it began as"
+    epochs = _epochs(run.out_dir)
+    assert [s for s in epochs if epochs[s] == 1] == list(range(12, 55)), "epoch 1: the new weights' batches"
+    # At an epoch boundary the change takes effect at once.
+    train(_two_sources(tmp_path / "run", extra=[*budget, "train.max_steps=56"]))  # back to (2, 0.5)
+    assert "the new ones take effect now, at the start of epoch 2" in capsys.readouterr().out
