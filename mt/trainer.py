@@ -40,6 +40,7 @@ from mt.checkpoint import (
     save_checkpoint,
     set_rng_state,
     step_checkpoint_path,
+    step_checkpoints,
 )
 from mt.config import Config, save_config, to_dict
 from mt.dataset import Prepared, PreparedSplit, load_prepared
@@ -47,7 +48,7 @@ from mt.device import decode_precision, pick_device, train_autocast_dtype
 from mt.distributed import Dist
 from mt.errors import CheckpointError, DataError, MTError
 from mt.evaluate import score
-from mt.files import DirectoryLock, remove_stale, write_atomic
+from mt.files import DirectoryLock, remove_stale, temp_path, write_atomic
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
 from mt.prepare import is_up_to_date, prepare, pretrained_vocab, read_meta
@@ -563,42 +564,49 @@ class Trainer:
         """Validation loss, and greedy BLEU/chrF on the detokenized validation split (rank 0)."""
         metrics: dict[str, Any] = {}
         if self.dist.is_main and self.valid_split is not None:
-            model = self.raw_model.eval()  # the next update() puts it back in training mode
-            split = self.valid_split
-            # Validation keeps every line; one longer than the model's positions is cut to fit.
-            n = self.cfg.model.max_positions - 1
-            src_lens, tgt_lens = np.minimum(split.src_lens, n), np.minimum(split.tgt_lens, n)
-            batcher = TokenBatcher(
-                src_lens,
-                tgt_lens,
-                max(self.cfg.train.max_tokens, int(max(src_lens.max(), tgt_lens.max())) + 1),
-                0,
-                shuffle=False,
-            )
-            loss_sum = nll_sum = n_tok = 0.0
-            for idx in batcher.epoch_batches(0):
-                batch = make_batch([split.src(i)[:n] for i in idx], [split.tgt(i)[:n] for i in idx], idx)
-                batch = batch.to(self.device)
-                with self._autocast():
-                    logits = model(batch.src, batch.tgt_in)
-                loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
-                loss_sum += float(loss)
-                nll_sum += float(nll)
-                n_tok += batch.n_tgt_tokens
-            metrics = {
-                "valid_loss": loss_sum / n_tok,
-                "valid_nll": nll_sum / n_tok,
-                "valid_ppl": math.exp(min(nll_sum / n_tok, 50.0)),
-            }
-            if self.cfg.train.valid_bleu:
-                seqs = [split.src(i)[:n] for i in range(len(split))]
-                hyps = translate_ids(model, seqs, self.cfg.decode, beam=1, device=self.device)
-                texts = self.data.tokenizer.decode_tgt([h[0].tokens for h in hyps])
-                s = score(texts, self.data.text("valid", "tgt"))
-                metrics.update(valid_bleu=s["bleu"], valid_chrf=s["chrf"])
-                if self.board is not None:
-                    self._draw_attention(model, seqs[:BOARD_SENTENCES], [h[0].tokens for h in hyps])
+            metrics = self.valid_metrics(self.raw_model, draw=True)
         return self.dist.broadcast(metrics)
+
+    @torch.no_grad()
+    def valid_metrics(self, model: Transformer, draw: bool = False) -> dict[str, Any]:
+        """The validation metrics of `model`, computed here (rank 0; no collective); `draw` adds the
+        attention images to TensorBoard."""
+        model.eval()  # the next update() puts the training model back in training mode
+        split = self.valid_split
+        # Validation keeps every line; one longer than the model's positions is cut to fit.
+        n = self.cfg.model.max_positions - 1
+        src_lens, tgt_lens = np.minimum(split.src_lens, n), np.minimum(split.tgt_lens, n)
+        batcher = TokenBatcher(
+            src_lens,
+            tgt_lens,
+            max(self.cfg.train.max_tokens, int(max(src_lens.max(), tgt_lens.max())) + 1),
+            0,
+            shuffle=False,
+        )
+        loss_sum = nll_sum = n_tok = 0.0
+        for idx in batcher.epoch_batches(0):
+            batch = make_batch([split.src(i)[:n] for i in idx], [split.tgt(i)[:n] for i in idx], idx)
+            batch = batch.to(self.device)
+            with self._autocast():
+                logits = model(batch.src, batch.tgt_in)
+            loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
+            loss_sum += float(loss)
+            nll_sum += float(nll)
+            n_tok += batch.n_tgt_tokens
+        metrics = {
+            "valid_loss": loss_sum / n_tok,
+            "valid_nll": nll_sum / n_tok,
+            "valid_ppl": math.exp(min(nll_sum / n_tok, 50.0)),
+        }
+        if self.cfg.train.valid_bleu:
+            seqs = [split.src(i)[:n] for i in range(len(split))]
+            hyps = translate_ids(model, seqs, self.cfg.decode, beam=1, device=self.device)
+            texts = self.data.tokenizer.decode_tgt([h[0].tokens for h in hyps])
+            s = score(texts, self.data.text("valid", "tgt"))
+            metrics.update(valid_bleu=s["bleu"], valid_chrf=s["chrf"])
+            if draw and self.board is not None:
+                self._draw_attention(model, seqs[:BOARD_SENTENCES], [h[0].tokens for h in hyps])
+        return metrics
 
     def _draw_attention(self, model: Transformer, seqs: list[np.ndarray], hyps: list[list[int]]) -> None:
         """The last decoder layer's cross-attention (heads averaged) of the first validation
@@ -607,10 +615,13 @@ class Trainer:
         for i, weights in enumerate(cross_attention(model, src, hyps[: len(seqs)])):
             self.board.attention(self.state.step, i, weights[-1].mean(0))
 
-    def _is_better(self, metrics: dict[str, Any]) -> bool:
+    def best_key(self, metrics: dict[str, Any]) -> str:
+        """The metric that ranks checkpoints: train.best_metric's, or the loss without BLEU/chrF."""
         key = {"bleu": "valid_bleu", "chrf": "valid_chrf", "loss": "valid_loss"}[self.cfg.train.best_metric]
-        if key not in metrics:
-            key = "valid_loss"
+        return key if key in metrics else "valid_loss"
+
+    def _is_better(self, metrics: dict[str, Any]) -> bool:
+        key = self.best_key(metrics)
         if key not in metrics:
             return True  # no validation split: the latest is the best we know
         value = metrics[key]
@@ -810,7 +821,11 @@ def train(cfg: Config) -> dict[str, Any]:
             from mt.plot import plot_metrics
 
             plot_metrics(trainer.out / "metrics.jsonl", trainer.out / "curves.png")
-            result["test"] = final_test(cfg, trainer)
+            average = average_last(trainer)
+            if average is not None:
+                result["average"] = average
+            result["final_checkpoint"] = choose_final(trainer, average)
+            result["test"] = final_test(cfg, trainer, trainer.out / AVERAGED if average else None)
             write_atomic(trainer.out / "summary.json", json.dumps(result, indent=2) + "\n")
     finally:
         trainer.close()
@@ -818,21 +833,74 @@ def train(cfg: Config) -> dict[str, Any]:
     return result
 
 
-def average_last(trainer: Trainer) -> Path | None:
-    """Average the last train.keep_last step checkpoints into checkpoint_avg.pt."""
-    from mt.average import average_checkpoints
-    from mt.checkpoint import step_checkpoints
+AVERAGED = "checkpoint_avg.pt"
+FINAL = "checkpoint_final.pt"  # a link to the better of checkpoint_best.pt and checkpoint_avg.pt
 
-    paths = [str(p) for _, p in step_checkpoints(trainer.out)][-trainer.cfg.train.keep_last :]
+
+def end_checkpoints(trainer: Trainer) -> list[Path]:
+    """The step checkpoints averaged at the end: the last train.keep_last of those from the last
+    quarter of the run's steps. Older ones (a run that a time limit stopped early keeps step
+    checkpoints from long before its end) would pull the average back towards a weaker model."""
+    steps = trainer.state.step
+    late = [p for step, p in step_checkpoints(trainer.out) if 4 * step >= 3 * steps and step <= steps]
+    return late[-trainer.cfg.train.keep_last :] if trainer.cfg.train.keep_last else []
+
+
+def average_last(trainer: Trainer) -> dict[str, Any] | None:
+    """Average the end checkpoints (end_checkpoints) into checkpoint_avg.pt and validate it as
+    the run validates its checkpoints; None when there are fewer than two to average."""
+    from mt.average import average_checkpoints
+
+    paths = end_checkpoints(trainer)
     if len(paths) < 2:
         return None
-    out = trainer.out / "checkpoint_avg.pt"
-    average_checkpoints(paths, str(out), quiet=True)
-    print(f"averaged {len(paths)} checkpoints ({', '.join(Path(p).name for p in paths)}) into {out}")
-    return out
+    out = trainer.out / AVERAGED
+    average_checkpoints([str(p) for p in paths], str(out), quiet=True)
+    tok = trainer.data.tokenizer
+    model = Transformer(trainer.cfg.model, tok.src_vocab_size, tok.tgt_vocab_size).to(trainer.device)
+    model.load_state_dict(load_checkpoint(out, map_location=trainer.device)["model"])
+    valid = trainer.valid_metrics(model)
+    key = trainer.best_key(valid)
+    best = trainer.state.best
+    worse = best is not None and (valid[key] > best if key == "valid_loss" else valid[key] < best)
+    names = ", ".join(p.name for p in paths)
+    step = trainer.state.best_step
+    against = "" if best is None else f" against {best:.4g} for the best checkpoint (step {step})"
+    print(
+        f"averaged {len(paths)} checkpoints ({names}) into {out}: {key} {valid[key]:.4g}{against}"
+        + ("; the average is worse than the best on the validation set" if worse else "")
+    )
+    return {
+        "checkpoints": [p.name for p in paths],
+        "valid": valid,
+        "metric": key,
+        "best": best,
+        "best_step": trainer.state.best_step,
+        "worse_than_best": worse,
+    }
 
 
-def final_test(cfg: Config, trainer: Trainer) -> dict[str, Any]:
+def choose_final(trainer: Trainer, average: dict[str, Any] | None) -> str | None:
+    """Point checkpoint_final.pt (a symbolic link, made atomically) at the averaged checkpoint,
+    unless it is worse than the best on the validation set; `make translate` and `make evaluate`
+    use it. Returns the name it points at."""
+    name = AVERAGED if average is not None and not average["worse_than_best"] else trainer.best_path.name
+    if not (trainer.out / name).exists():
+        return None
+    link = trainer.out / FINAL
+    tmp = temp_path(link)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(name, tmp)
+        os.replace(tmp, link)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MTError(f"cannot write {link}: {e.strerror or e}") from None
+    print(f"{link} -> {name} (what `make translate` and `make evaluate` use)")
+    return name
+
+
+def final_test(cfg: Config, trainer: Trainer, averaged: Path | None) -> dict[str, Any]:
     """Score the best (and averaged) checkpoint on the test split, beam and greedy; print all."""
     from mt.evaluate import evaluate_checkpoint
 
@@ -840,9 +908,8 @@ def final_test(cfg: Config, trainer: Trainer) -> dict[str, Any]:
         return {}
     src, ref = trainer.data.text("test", "src"), trainer.data.text("test", "tgt")
     candidates = {"best": trainer.best_path}
-    avg = average_last(trainer) if cfg.train.keep_last > 1 else None
-    if avg is not None:
-        candidates["averaged"] = avg
+    if averaged is not None:
+        candidates["averaged"] = averaged
     results = {}
     for label, path in candidates.items():
         for beam in sorted({cfg.decode.beam, 1}, reverse=True):
