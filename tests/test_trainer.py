@@ -405,7 +405,10 @@ def _content(path: Path) -> dict:
     """A checkpoint without what legitimately differs between two runs: paths and wall time."""
     ck = load_checkpoint(path)
     ck.pop("config")  # holds train.out_dir
-    ck["state"].pop("elapsed")
+    if "averaged_from" in ck:  # checkpoint_avg.pt (and checkpoint_final.pt, its link): their paths
+        ck["averaged_from"] = [Path(p).name for p in ck["averaged_from"]]
+    else:
+        ck["state"].pop("elapsed")
     return ck
 
 
