@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ if TYPE_CHECKING:  # imported where data is loaded: training from a prepared cac
 
 # The name of the one source an experiment without data.sources has.
 MAIN = "main"
+# A hub split named as it is, without slices (`train[:1000]`) or concatenations (`train+test`).
+PLAIN_SPLIT = re.compile(r"[\w.-]+")
 # What `datasets` (5.x) raises for a repository whose data needs a loading script.
 SCRIPT_REFUSED = "Dataset scripts are no longer supported"
 
@@ -273,6 +276,8 @@ class HubSplit(Split):
         import datasets
 
         spec = self.source.splits[self.split]
+        if PLAIN_SPLIT.fullmatch(spec):  # a whole split: no need to know its size
+            return 0
         sizes = {name: info.num_examples for name, info in (self.ds.info.splits or {}).items()}
         try:
             read = datasets.ReadInstruction.from_spec(spec).to_absolute(sizes)

@@ -698,7 +698,7 @@ class Trainer:
 
     def _batcher_of(self, epoch: int) -> TokenBatcher:
         """The batcher of `epoch`: a resumed epoch's own weights (kept_weights), else the config's."""
-        if self.kept_batcher is not None and self.kept_weights is not None and epoch == self.kept_weights[0]:
+        if self.kept_weights and self.kept_batcher is not None and epoch == self.kept_weights[0]:
             return self.kept_batcher
         return self.batcher
 
