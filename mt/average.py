@@ -70,7 +70,7 @@ def average_checkpoints(paths: Sequence[str], output: str, quiet: bool = False) 
     """Write to `output` a checkpoint whose weights are the mean of those in `paths`."""
     paths = [str(p) for p in paths]
     if str(output) == STDIO:  # `-` is standard output elsewhere; a checkpoint on a terminal is no use
-        raise MTError("average: --output -: a checkpoint cannot go to standard output; name a file")
+        raise MTError("--output -: a checkpoint cannot go to standard output; name a file")
     if not paths:
         raise MTError("average: give at least one checkpoint")
     first = _load(paths[0])
