@@ -13,7 +13,10 @@ ARGS    ?=
 INPUT   ?=
 OUTPUT  ?=
 RUN_DIR ?= runs/$(basename $(notdir $(CONFIG)))
-CKPT    ?= $(RUN_DIR)/checkpoint_best.pt
+# What `translate` and `evaluate` use: checkpoint_final.pt, which the end of training links to the
+# better of checkpoint_best.pt and checkpoint_avg.pt on the validation set (summary.json says
+# which and why); checkpoint_best.pt while the run has not finished.
+CKPT    ?= $(firstword $(wildcard $(RUN_DIR)/checkpoint_final.pt) $(RUN_DIR)/checkpoint_best.pt)
 
 CONFIG_ARGS := $(if $(MULTI30K),data.local_dir=$(MULTI30K)) $(ARGS)
 TRAIN_CMD := $(if $(filter 1,$(NPROC)),$(BIN)/mt,$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m mt)
@@ -39,7 +42,7 @@ translate: setup
 	$(BIN)/mt translate --checkpoint $(CKPT) $(if $(INPUT),--input $(INPUT)) $(if $(OUTPUT),--output $(OUTPUT))
 
 evaluate: setup
-	$(BIN)/mt evaluate $(CONFIG) $(CONFIG_ARGS) --split test
+	$(BIN)/mt evaluate $(CONFIG) $(CONFIG_ARGS) --split test --checkpoint $(CKPT)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -24,6 +24,7 @@ import torch
 
 from mt.checkpoint import load_checkpoint, save_checkpoint
 from mt.errors import CheckpointError, MTError
+from mt.files import STDIO
 
 # What a checkpoint needs to be averaged and translated.
 REQUIRED = ("config", "model", "spm_src", "spm_tgt")
@@ -68,6 +69,8 @@ def _check_compatible(first_path: str, first: dict[str, Any], path: str, ck: dic
 def average_checkpoints(paths: Sequence[str], output: str, quiet: bool = False) -> None:
     """Write to `output` a checkpoint whose weights are the mean of those in `paths`."""
     paths = [str(p) for p in paths]
+    if str(output) == STDIO:  # `-` is standard output elsewhere; a checkpoint on a terminal is no use
+        raise MTError("--output -: a checkpoint cannot go to standard output; name a file")
     if not paths:
         raise MTError("average: give at least one checkpoint")
     first = _load(paths[0])

@@ -14,6 +14,7 @@ scalars are not plain data (np.float64 even passes isinstance(x, float)), so
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import re
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mt.errors import CheckpointError
+from mt.errors import CheckpointError, disk_full
 from mt.files import AtomicFile
 
 FORMAT = "mt-checkpoint"
@@ -86,8 +87,20 @@ def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
         with AtomicFile(path, "save checkpoint", CheckpointError) as out:
             torch.save(full, out.file)
             out.commit()
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports I/O errors as RuntimeError
-        raise CheckpointError(f"cannot save checkpoint {path}: {e}") from e
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"cannot save checkpoint {path}: {_write_failure(e)}") from e
+
+
+def _write_failure(e: OSError | RuntimeError) -> str:
+    """Why a checkpoint could not be written, in the system's words. torch's zip writer turns
+    the OSError of our file's write into "enforce fail at inline_container.cc ... unexpected
+    pos", raised during it: the errno is found on the exception chain."""
+    full = disk_full(e)
+    if full is not None:
+        return os.strerror(full.errno)  # "No space left on device", "Disk quota exceeded"
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _refused(message: str) -> str:

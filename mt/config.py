@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -327,7 +328,9 @@ def _validate_sources(d: DataConfig) -> None:
         _check(s.name not in names, f"{key}.name", f"'{s.name}' is given twice")
         names.append(s.name)
         _check(s.local_dir is not None or s.hub is not None, key, "set local_dir or hub")
-        _check(s.weight > 0, f"{key}.weight", f"must be > 0, got {s.weight}")
+        # inf would pass `> 0` and then end training (an epoch cannot show a pair inf times).
+        finite = math.isfinite(s.weight) and s.weight > 0
+        _check(finite, f"{key}.weight", f"must be finite and > 0, got {s.weight}")
         _check(s.max_train_pairs >= 0, f"{key}.max_train_pairs", "must be >= 0")
     _check(
         any("train" in s.local_splits or "train" in s.hub_splits for s in d.sources),

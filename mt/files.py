@@ -208,7 +208,10 @@ class AtomicFile:
 
     def discard(self) -> None:
         self._open = False
-        self.file.close()
+        # Closing flushes what is buffered, which fails again on a full disk; the file is closed
+        # all the same, and what it held is being thrown away.
+        with contextlib.suppress(OSError):
+            self.file.close()
         if not self.direct:  # a path written in place is the user's: it stays
             with contextlib.suppress(OSError):
                 self.tmp.unlink(missing_ok=True)
@@ -221,6 +224,15 @@ class AtomicFile:
     ) -> None:
         if self._open:  # not committed: an error, Ctrl-C, or the caller forgot
             self.discard()
+
+
+def file_above(path: Path) -> Path | None:
+    """The nearest existing parent of `path` when it is not a directory (a file where a directory
+    must be, which mkdir reports as "File exists" or "Not a directory"); None otherwise."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -112,9 +112,14 @@ def _checkpoint_vocab(path: Path) -> tuple[Vocab, dict[str, Any]]:
     return _VOCABS[key]
 
 
+# Model settings a fine-tuning run may change: the rest decide the shapes of the weights.
+FREE_WHEN_FINE_TUNING = {"dropout", "attention_dropout", "activation_dropout"}
+
+
 def pretrained_vocab(cfg: Config) -> Vocab | None:
-    """With train.init_from, the checkpoint's subword models, which then encode the data; a
-    checkpoint of other languages is refused (its vocabulary would not fit them)."""
+    """With train.init_from, the checkpoint's subword models, which then encode the data. It is
+    checked first, so that nothing is prepared for a run that cannot start: it must load, be of
+    the config's languages (its vocabulary would not fit others) and of its model shape."""
     if not cfg.train.init_from:
         return None
     path = Path(cfg.train.init_from)
@@ -125,6 +130,15 @@ def pretrained_vocab(cfg: Config) -> Vocab | None:
         raise CheckpointError(
             f"train.init_from: {path} translates {langs[0]}->{langs[1]}, but this config "
             f"{now[0]}->{now[1]}; fine-tune a model of the same languages"
+        )
+    model_then, model_now = ck_config.get("model", {}), dataclasses.asdict(cfg.model)
+    shape = {k: (model_then[k], v) for k, v in model_now.items()
+             if k in model_then and model_then[k] != v and k not in FREE_WHEN_FINE_TUNING}
+    if shape:
+        shown = ", ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in shape.items())
+        raise CheckpointError(
+            f"train.init_from: {path} has another model shape ({shown}, checkpoint -> config); "
+            f"give the model section the checkpoint's values"
         )
     return vocab
 

@@ -12,9 +12,9 @@ line naming the data set, the split and the cause.
 
 from __future__ import annotations
 
-import errno
 import gzip
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from mt.config import DataConfig, SourceConfig
-from mt.errors import DataError
+from mt.errors import DataError, disk_full, exception_chain
 
 if TYPE_CHECKING:  # imported where data is loaded: training from a prepared cache needs no `datasets`
     import datasets
@@ -30,10 +30,10 @@ if TYPE_CHECKING:  # imported where data is loaded: training from a prepared cac
 
 # The name of the one source an experiment without data.sources has.
 MAIN = "main"
+# A hub split named as it is, without slices (`train[:1000]`) or concatenations (`train+test`).
+PLAIN_SPLIT = re.compile(r"[\w.-]+")
 # What `datasets` (5.x) raises for a repository whose data needs a loading script.
 SCRIPT_REFUSED = "Dataset scripts are no longer supported"
-# Errors of a full disk: reported by `mt prepare` as such (naming the file), not as a load failure.
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -140,7 +140,25 @@ def plan(cfg: DataConfig) -> Plan:
     train = [s for s in srcs if "train" in s.splits]
     if not train:
         raise DataError("data: no source has a 'train' split (in the local_splits or hub_splits it uses)")
-    return Plan(train, next((s for s in srcs if s.name == cfg.eval_source), srcs[0]))
+    evaluation = next((s for s in srcs if s.name == cfg.eval_source), srcs[0])
+    if "valid" not in evaluation.splits:
+        raise DataError(no_valid_split(evaluation, cfg))
+    return Plan(train, evaluation)
+
+
+def no_valid_split(src: Source, cfg: DataConfig) -> str:
+    """Why a corpus without a 'valid' split is refused: training would validate nothing, pick a
+    "best" checkpoint blindly and never stop early, all silently."""
+    key = f"{src.key}.{'local_splits' if src.local else 'hub_splits'}"
+    which = "" if not cfg.sources else (
+        f" of source '{src.name}', the evaluation source"
+        f"{' (data.eval_source)' if cfg.eval_source else ' (the first; data.eval_source names another)'}"
+    )
+    return (
+        f"{key}: no 'valid' split{which} ({', '.join(sorted(src.splits)) or 'none'} only): training "
+        f"needs one to validate, keep the best checkpoint and stop early; add it (e.g. valid: dev)"
+        + (", or set data.eval_source to a source that has one" if cfg.sources else "")
+    )
 
 
 def inputs_reachable(cfg: DataConfig) -> bool:
@@ -251,20 +269,43 @@ class HubSplit(Split):
         super().__init__(source, split, len(ds))
         self.ds, self.src_lang, self.tgt_lang = ds, src_lang, tgt_lang
 
+    def _start(self) -> int | None:
+        """Where the data set's rows begin in its Arrow files: 0 for a whole split, 1000 for a
+        slice `train[1000:]` (whose files are the whole split's); None when its rows are not one
+        run of one split's rows (`train+validation`), or the split sizes are unknown."""
+        import datasets
+
+        spec = self.source.splits[self.split]
+        if PLAIN_SPLIT.fullmatch(spec):  # a whole split: no need to know its size
+            return 0
+        sizes = {name: info.num_examples for name, info in (self.ds.info.splits or {}).items()}
+        try:
+            read = datasets.ReadInstruction.from_spec(spec).to_absolute(sizes)
+        except (ValueError, KeyError, AssertionError):  # datasets checks specs with assert too
+            return None
+        return read[0].from_ if len(read) == 1 else None
+
     def _tables(self) -> Iterator[pa.Table | pa.RecordBatch]:
         """The rows in order, from the data set's Arrow files by plain reads when it has files:
         iterating its memory-mapped table would leave every page of a multi-GB file resident
-        in this process. The data set is those files' first len() rows (a whole split, or the
-        first max_train_pairs of it)."""
+        in this process. The data set is len() rows of those files from `_start()` on (a whole
+        split or a slice of one, or the first max_train_pairs of either); anything else is read
+        through the data set itself."""
         import pyarrow as pa
 
         files = [f["filename"] for f in self.ds.cache_files]
-        if not files:  # held in memory
+        start = self._start() if files else None
+        if start is None:  # held in memory, or rows of several splits
             yield from self.ds.with_format("arrow").iter(batch_size=10_000)
             return
         for name in files:
             with pa.OSFile(name) as f:
-                yield from pa.ipc.open_stream(f)
+                for batch in pa.ipc.open_stream(f):
+                    if start >= batch.num_rows:  # before the slice
+                        start -= batch.num_rows
+                        continue
+                    yield batch.slice(start)
+                    start = 0
 
     def _columns(self, table: pa.Table | pa.RecordBatch) -> tuple[list[str], list[str]]:
         import pyarrow.compute as pc
@@ -331,10 +372,10 @@ def _load_hub(src: Source, split: str) -> datasets.Dataset:
         )
     except Exception as e:  # `datasets` fails in many ways (RuntimeError, ValueError, its own errors)
         cause = e
-    chain = _chain(cause)
-    for e in chain:
-        if isinstance(e, OSError) and e.errno in DISK_FULL:  # `mt prepare` says "disk full", naming the file
-            raise e from None
+    chain = exception_chain(cause)
+    full = disk_full(cause)
+    if full is not None:  # `mt prepare` says "disk full", naming the file, not "cannot load"
+        raise full from None
     reason = " ".join(str(cause).split())
     if isinstance(cause, RuntimeError) and SCRIPT_REFUSED in reason:
         script = reason.rsplit(" ", 1)[-1]
@@ -356,14 +397,6 @@ def _load_hub(src: Source, split: str) -> datasets.Dataset:
         f"{key}.hub: cannot load '{src.describe()}', split '{hub_split}': "
         f"{type(cause).__name__}: {reason}{where}"
     ) from None
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-    """An exception and those it was raised from or during, outermost first."""
-    chain = [e]
-    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
-        chain.append(nxt)
-    return chain
 
 
 def _check_columns(ds: datasets.Dataset, src: Source, split: str, data: DataConfig) -> datasets.Dataset:

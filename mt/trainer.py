@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -39,17 +40,18 @@ from mt.checkpoint import (
     save_checkpoint,
     set_rng_state,
     step_checkpoint_path,
+    step_checkpoints,
 )
 from mt.config import Config, save_config, to_dict
 from mt.dataset import Prepared, PreparedSplit, load_prepared
 from mt.device import decode_precision, pick_device, train_autocast_dtype
 from mt.distributed import Dist
-from mt.errors import CheckpointError, MTError
+from mt.errors import CheckpointError, DataError, MTError
 from mt.evaluate import score
-from mt.files import DirectoryLock, remove_stale, write_atomic
+from mt.files import DirectoryLock, remove_stale, temp_path, write_atomic
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
-from mt.prepare import is_up_to_date, prepare, read_meta
+from mt.prepare import is_up_to_date, prepare, pretrained_vocab, read_meta
 from mt.schedule import lr_at, set_lr
 from mt.sources import inputs_reachable, source_configs
 from mt.translator import pad_sources, translate_ids
@@ -66,8 +68,6 @@ DATA_KEYS_OF_IDS = {
         "joint_vocab", "vocab_size", "character_coverage", "spm_max_sentences",
     )
 } | {"train.init_from"}  # whose subword models encode the data
-# Model settings a fine-tuning run may change: the rest decide the shapes of the weights.
-FREE_WHEN_FINE_TUNING = {"model.dropout", "model.attention_dropout", "model.activation_dropout"}
 
 
 def flatten(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -83,6 +83,11 @@ def flatten(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
             else:
                 flat[f"{s}.{k}"] = v
     return flat
+
+
+def source_weights(config: dict[str, Any]) -> dict[str, float]:
+    """{source name: weight} of a config's data.sources (as to_dict gives it); {} for one corpus."""
+    return {src["name"]: float(src["weight"]) for src in config["data"].get("sources", [])}
 
 
 def changes_ids(key: str) -> bool:
@@ -186,25 +191,31 @@ class Trainer:
             last = self._read_last_checkpoint()
             if last is not None:  # before preparing: a changed vocabulary must not rebuild the cache
                 self._check_resumable(last)
+            else:  # before preparing: a checkpoint to fine-tune that cannot be used prepares nothing
+                pretrained_vocab(cfg)
             self.data = self._build_data()
             self.train_split = self.data.split("train")
-            self.valid_split = self.data.split("valid") if "valid" in self.data.meta["splits"] else None
+            self.valid_split = self._valid_split()
             # Seeds the RNGs: weights depend on train.seed only, or are train.init_from's.
             self.raw_model = self._build_model(fresh=last is None)
             self.optimizer = self._build_optimizer()
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
             self.state = TrainState()
+            # (epoch, source weights) when a resumed epoch keeps the weights it began with.
+            self.kept_weights: tuple[int, dict[str, float]] | None = None
             if last is not None:
                 self._resume(last)  # weights, optimizer, scaler, counters and RNG
             del last
             self._write_config()
             self.model = self._wrap(self.raw_model)  # what the updates call: DDP and/or compiled
             self.batcher = self._build_batcher()
+            # The resumed epoch's batch list is the one its position counts in: its own weights'.
+            self.kept_batcher = self._build_batcher(self.kept_weights[1]) if self.kept_weights else None
             resume_step = self.state.step if self.last_path.exists() else None
             self.board = self._build_board(resume_step)
             self.log = MetricsLog(self.out / "metrics.jsonl", resume_step, self.dist.is_main, self.board)
         except BaseException:
-            self.close()
+            self.close(abandon=True)
             raise
         self.stop_signal: int | None = None  # SIGINT or SIGTERM, once received
         self.early_stop = False
@@ -213,11 +224,15 @@ class Trainer:
     def stop_requested(self) -> bool:
         return self.stop_signal is not None
 
-    def close(self) -> None:
-        """Let another run have the directory (the lock also dies with the process)."""
+    def close(self, abandon: bool = False) -> None:
+        """Let another run have the directory (the lock also dies with the process). A run whose
+        set-up failed (`abandon`) removes the directory when it made it: a new run that never
+        started leaves nothing behind."""
         if getattr(self, "board", None) is not None:
             self.board.close()
-        if self.lock is not None:
+        if abandon and getattr(self, "made_out_dir", False):
+            shutil.rmtree(self.out, ignore_errors=True)
+        if getattr(self, "lock", None) is not None:
             self.lock.release()
 
     def _claim_out_dir(self) -> DirectoryLock | None:
@@ -225,6 +240,7 @@ class Trainer:
         of runs killed mid-save (never checkpoints) are cleared away."""
         lock = None
         if self.dist.is_main:
+            self.made_out_dir = not self.out.exists()
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -289,6 +305,16 @@ class Trainer:
         self.dist.barrier()
         return load_prepared(directory)
 
+    def _valid_split(self) -> PreparedSplit:
+        """The validation split, which a cache used as it is (its corpus out of reach) may lack:
+        `mt prepare` refuses a corpus without one (mt.sources.no_valid_split says why)."""
+        if "valid" not in self.data.meta["splits"]:
+            raise DataError(
+                f"data: the prepared data in {self.cfg.prepared_dir} has no 'valid' split; training needs "
+                f"one to validate, keep the best checkpoint and stop early: add it and prepare again"
+            )
+        return self.data.split("valid")
+
     def _build_model(self, fresh: bool) -> Transformer:
         seed = self.cfg.train.seed
         # Seed everything before the model exists, so initial weights depend on the seed only.
@@ -306,20 +332,11 @@ class Trainer:
     def _init_weights(self, model: Transformer) -> None:
         """Fine-tuning: the weights of train.init_from, which must fit this model config and the
         prepared token ids (prepared with its subword models); optimizer and schedule start afresh."""
-        path = self.cfg.train.init_from
+        path = self.cfg.train.init_from  # its languages and model shape: checked by pretrained_vocab
         try:
             ck = load_checkpoint(path, map_location="cpu")
         except CheckpointError as e:
             raise CheckpointError(f"train.init_from: {e}") from None
-        then, now = flatten({"model": ck["config"]["model"]}), flatten({"model": to_dict(self.cfg)["model"]})
-        shape = {k: (then[k], v) for k, v in now.items()
-                 if k in then and then[k] != v and k not in FREE_WHEN_FINE_TUNING}
-        if shape:
-            shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in shape.items())
-            raise CheckpointError(
-                f"train.init_from: {path} has another model shape ({shown}, checkpoint -> config); "
-                f"give the model section the checkpoint's values"
-            )
         tok = self.data.tokenizer
         if (ck["spm_src"], ck["spm_tgt"]) != (tok.src_proto, tok.tgt_proto):
             raise CheckpointError(
@@ -368,6 +385,25 @@ class Trainer:
         if self.dist.is_main:
             s = self.state
             print(f"mt train: resuming from {self.last_path} at step {s.step}, epoch {s.epoch}")
+        self._keep_epoch_weights(ck)
+
+    def _keep_epoch_weights(self, ck: dict[str, Any]) -> None:
+        """New source weights take effect at the next epoch: the epoch being resumed keeps the
+        batch list it began with (its weights are in the checkpoint), so that the position in it
+        still means the batches not yet seen, none skipped and none repeated."""
+        then = ck.get("epoch_weights", source_weights(ck["config"]))  # older checkpoints: their config's
+        now = source_weights(to_dict(self.cfg))
+        if then == now:
+            return
+        e = self.state.epoch
+        if self.state.batch_pos:
+            self.kept_weights = (e, then)
+            when = (f"epoch {e} goes on with the weights it began with; the new ones take effect at "
+                    f"epoch {e + 1}")
+        else:
+            when = f"the new ones take effect now, at the start of epoch {e}"
+        if self.dist.is_main:
+            print(f"mt train: source weights changed ({then} -> {now}): {when}")
 
     def _write_config(self) -> None:
         """The resolved config, next to what it produced."""
@@ -387,7 +423,7 @@ class Trainer:
             wrapped = torch.compile(wrapped, dynamic=True)
         return wrapped
 
-    def _build_batcher(self) -> TokenBatcher:
+    def _build_batcher(self, weights: dict[str, float] | None = None) -> TokenBatcher:
         t = self.cfg.train
         try:
             return TokenBatcher(
@@ -397,15 +433,16 @@ class Trainer:
                 t.seed,
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
-                mixture=self._mixture(),
+                mixture=self._mixture(weights),
             )
         except ValueError as e:
             raise MTError(f"train.max_tokens: {e}") from None
 
-    def _mixture(self) -> Mixture | None:
-        """The training split's sources (from the cache) with their weights (from the config)."""
+    def _mixture(self, weights: dict[str, float] | None = None) -> Mixture | None:
+        """The training split's sources (from the cache) with their weights (from the config,
+        unless given)."""
         parts = self.data.train_sources()
-        weights = {s.name: s.weight for s in source_configs(self.cfg.data)}
+        weights = weights or {s.name: s.weight for s in source_configs(self.cfg.data)}
         unknown = [name for name, _ in parts if name not in weights]
         if unknown:  # a cache used as it is, its corpus out of reach, prepared from other sources
             raise MTError(
@@ -433,6 +470,12 @@ class Trainer:
             "rng_ranks": rngs,  # each rank's own dropout stream, for exact multi-process resume
             "metrics": metrics or {},
             "world_size": self.dist.world_size,
+            # The source weights of the epoch under way, whose batch list batch_pos counts in.
+            "epoch_weights": (
+                self.kept_weights[1]
+                if self.kept_weights and self.kept_weights[0] == self.state.epoch
+                else source_weights(to_dict(self.cfg))
+            ),
         }
 
     def save(self, metrics: dict[str, Any] | None = None, best: bool = False) -> None:
@@ -521,42 +564,49 @@ class Trainer:
         """Validation loss, and greedy BLEU/chrF on the detokenized validation split (rank 0)."""
         metrics: dict[str, Any] = {}
         if self.dist.is_main and self.valid_split is not None:
-            model = self.raw_model.eval()  # the next update() puts it back in training mode
-            split = self.valid_split
-            # Validation keeps every line; one longer than the model's positions is cut to fit.
-            n = self.cfg.model.max_positions - 1
-            src_lens, tgt_lens = np.minimum(split.src_lens, n), np.minimum(split.tgt_lens, n)
-            batcher = TokenBatcher(
-                src_lens,
-                tgt_lens,
-                max(self.cfg.train.max_tokens, int(max(src_lens.max(), tgt_lens.max())) + 1),
-                0,
-                shuffle=False,
-            )
-            loss_sum = nll_sum = n_tok = 0.0
-            for idx in batcher.epoch_batches(0):
-                batch = make_batch([split.src(i)[:n] for i in idx], [split.tgt(i)[:n] for i in idx], idx)
-                batch = batch.to(self.device)
-                with self._autocast():
-                    logits = model(batch.src, batch.tgt_in)
-                loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
-                loss_sum += float(loss)
-                nll_sum += float(nll)
-                n_tok += batch.n_tgt_tokens
-            metrics = {
-                "valid_loss": loss_sum / n_tok,
-                "valid_nll": nll_sum / n_tok,
-                "valid_ppl": math.exp(min(nll_sum / n_tok, 50.0)),
-            }
-            if self.cfg.train.valid_bleu:
-                seqs = [split.src(i)[:n] for i in range(len(split))]
-                hyps = translate_ids(model, seqs, self.cfg.decode, beam=1, device=self.device)
-                texts = self.data.tokenizer.decode_tgt([h[0].tokens for h in hyps])
-                s = score(texts, self.data.text("valid", "tgt"))
-                metrics.update(valid_bleu=s["bleu"], valid_chrf=s["chrf"])
-                if self.board is not None:
-                    self._draw_attention(model, seqs[:BOARD_SENTENCES], [h[0].tokens for h in hyps])
+            metrics = self.valid_metrics(self.raw_model, draw=True)
         return self.dist.broadcast(metrics)
+
+    @torch.no_grad()
+    def valid_metrics(self, model: Transformer, draw: bool = False) -> dict[str, Any]:
+        """The validation metrics of `model`, computed here (rank 0; no collective); `draw` adds the
+        attention images to TensorBoard."""
+        model.eval()  # the next update() puts the training model back in training mode
+        split = self.valid_split
+        # Validation keeps every line; one longer than the model's positions is cut to fit.
+        n = self.cfg.model.max_positions - 1
+        src_lens, tgt_lens = np.minimum(split.src_lens, n), np.minimum(split.tgt_lens, n)
+        batcher = TokenBatcher(
+            src_lens,
+            tgt_lens,
+            max(self.cfg.train.max_tokens, int(max(src_lens.max(), tgt_lens.max())) + 1),
+            0,
+            shuffle=False,
+        )
+        loss_sum = nll_sum = n_tok = 0.0
+        for idx in batcher.epoch_batches(0):
+            batch = make_batch([split.src(i)[:n] for i in idx], [split.tgt(i)[:n] for i in idx], idx)
+            batch = batch.to(self.device)
+            with self._autocast():
+                logits = model(batch.src, batch.tgt_in)
+            loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
+            loss_sum += float(loss)
+            nll_sum += float(nll)
+            n_tok += batch.n_tgt_tokens
+        metrics = {
+            "valid_loss": loss_sum / n_tok,
+            "valid_nll": nll_sum / n_tok,
+            "valid_ppl": math.exp(min(nll_sum / n_tok, 50.0)),
+        }
+        if self.cfg.train.valid_bleu:
+            seqs = [split.src(i)[:n] for i in range(len(split))]
+            hyps = translate_ids(model, seqs, self.cfg.decode, beam=1, device=self.device)
+            texts = self.data.tokenizer.decode_tgt([h[0].tokens for h in hyps])
+            s = score(texts, self.data.text("valid", "tgt"))
+            metrics.update(valid_bleu=s["bleu"], valid_chrf=s["chrf"])
+            if draw and self.board is not None:
+                self._draw_attention(model, seqs[:BOARD_SENTENCES], [h[0].tokens for h in hyps])
+        return metrics
 
     def _draw_attention(self, model: Transformer, seqs: list[np.ndarray], hyps: list[list[int]]) -> None:
         """The last decoder layer's cross-attention (heads averaged) of the first validation
@@ -565,10 +615,13 @@ class Trainer:
         for i, weights in enumerate(cross_attention(model, src, hyps[: len(seqs)])):
             self.board.attention(self.state.step, i, weights[-1].mean(0))
 
-    def _is_better(self, metrics: dict[str, Any]) -> bool:
+    def best_key(self, metrics: dict[str, Any]) -> str:
+        """The metric that ranks checkpoints: train.best_metric's, or the loss without BLEU/chrF."""
         key = {"bleu": "valid_bleu", "chrf": "valid_chrf", "loss": "valid_loss"}[self.cfg.train.best_metric]
-        if key not in metrics:
-            key = "valid_loss"
+        return key if key in metrics else "valid_loss"
+
+    def _is_better(self, metrics: dict[str, Any]) -> bool:
+        key = self.best_key(metrics)
         if key not in metrics:
             return True  # no validation split: the latest is the best we know
         value = metrics[key]
@@ -636,12 +689,18 @@ class Trainer:
         position 0 of the next epoch. The batch lists are pure functions of seed and epoch."""
         epoch, pos, accum = self.state.epoch, self.state.batch_pos, self.cfg.train.accum_steps
         while True:
-            batches = self.batcher.epoch_batches(epoch)
+            batches = self._batcher_of(epoch).epoch_batches(epoch)
             while pos < len(batches):
                 chunk = batches[pos : pos + accum]
                 pos += len(chunk)
                 yield chunk, *((epoch + 1, 0) if pos >= len(batches) else (epoch, pos))
             epoch, pos = epoch + 1, 0
+
+    def _batcher_of(self, epoch: int) -> TokenBatcher:
+        """The batcher of `epoch`: a resumed epoch's own weights (kept_weights), else the config's."""
+        if self.kept_weights and self.kept_batcher is not None and epoch == self.kept_weights[0]:
+            return self.kept_batcher
+        return self.batcher
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         """SIGINT (Ctrl-C) or SIGTERM (a scheduler, `docker stop`, `kill`): finish the update,
@@ -762,7 +821,11 @@ def train(cfg: Config) -> dict[str, Any]:
             from mt.plot import plot_metrics
 
             plot_metrics(trainer.out / "metrics.jsonl", trainer.out / "curves.png")
-            result["test"] = final_test(cfg, trainer)
+            average = average_last(trainer)
+            if average is not None:
+                result["average"] = average
+            result["final_checkpoint"] = choose_final(trainer, average)
+            result["test"] = final_test(cfg, trainer, trainer.out / AVERAGED if average else None)
             write_atomic(trainer.out / "summary.json", json.dumps(result, indent=2) + "\n")
     finally:
         trainer.close()
@@ -770,21 +833,74 @@ def train(cfg: Config) -> dict[str, Any]:
     return result
 
 
-def average_last(trainer: Trainer) -> Path | None:
-    """Average the last train.keep_last step checkpoints into checkpoint_avg.pt."""
-    from mt.average import average_checkpoints
-    from mt.checkpoint import step_checkpoints
+AVERAGED = "checkpoint_avg.pt"
+FINAL = "checkpoint_final.pt"  # a link to the better of checkpoint_best.pt and checkpoint_avg.pt
 
-    paths = [str(p) for _, p in step_checkpoints(trainer.out)][-trainer.cfg.train.keep_last :]
+
+def end_checkpoints(trainer: Trainer) -> list[Path]:
+    """The step checkpoints averaged at the end: the last train.keep_last of those from the last
+    quarter of the run's steps. Older ones (a run that a time limit stopped early keeps step
+    checkpoints from long before its end) would pull the average back towards a weaker model."""
+    steps = trainer.state.step
+    late = [p for step, p in step_checkpoints(trainer.out) if 4 * step >= 3 * steps and step <= steps]
+    return late[-trainer.cfg.train.keep_last :] if trainer.cfg.train.keep_last else []
+
+
+def average_last(trainer: Trainer) -> dict[str, Any] | None:
+    """Average the end checkpoints (end_checkpoints) into checkpoint_avg.pt and validate it as
+    the run validates its checkpoints; None when there are fewer than two to average."""
+    from mt.average import average_checkpoints
+
+    paths = end_checkpoints(trainer)
     if len(paths) < 2:
         return None
-    out = trainer.out / "checkpoint_avg.pt"
-    average_checkpoints(paths, str(out), quiet=True)
-    print(f"averaged {len(paths)} checkpoints ({', '.join(Path(p).name for p in paths)}) into {out}")
-    return out
+    out = trainer.out / AVERAGED
+    average_checkpoints([str(p) for p in paths], str(out), quiet=True)
+    tok = trainer.data.tokenizer
+    model = Transformer(trainer.cfg.model, tok.src_vocab_size, tok.tgt_vocab_size).to(trainer.device)
+    model.load_state_dict(load_checkpoint(out, map_location=trainer.device)["model"])
+    valid = trainer.valid_metrics(model)
+    key = trainer.best_key(valid)
+    best = trainer.state.best
+    worse = best is not None and (valid[key] > best if key == "valid_loss" else valid[key] < best)
+    names = ", ".join(p.name for p in paths)
+    step = trainer.state.best_step
+    against = "" if best is None else f" against {best:.4g} for the best checkpoint (step {step})"
+    print(
+        f"averaged {len(paths)} checkpoints ({names}) into {out}: {key} {valid[key]:.4g}{against}"
+        + ("; the average is worse than the best on the validation set" if worse else "")
+    )
+    return {
+        "checkpoints": [p.name for p in paths],
+        "valid": valid,
+        "metric": key,
+        "best": best,
+        "best_step": trainer.state.best_step,
+        "worse_than_best": worse,
+    }
 
 
-def final_test(cfg: Config, trainer: Trainer) -> dict[str, Any]:
+def choose_final(trainer: Trainer, average: dict[str, Any] | None) -> str | None:
+    """Point checkpoint_final.pt (a symbolic link, made atomically) at the averaged checkpoint,
+    unless it is worse than the best on the validation set; `make translate` and `make evaluate`
+    use it. Returns the name it points at."""
+    name = AVERAGED if average is not None and not average["worse_than_best"] else trainer.best_path.name
+    if not (trainer.out / name).exists():
+        return None
+    link = trainer.out / FINAL
+    tmp = temp_path(link)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(name, tmp)
+        os.replace(tmp, link)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MTError(f"cannot write {link}: {e.strerror or e}") from None
+    print(f"{link} -> {name} (what `make translate` and `make evaluate` use)")
+    return name
+
+
+def final_test(cfg: Config, trainer: Trainer, averaged: Path | None) -> dict[str, Any]:
     """Score the best (and averaged) checkpoint on the test split, beam and greedy; print all."""
     from mt.evaluate import evaluate_checkpoint
 
@@ -792,9 +908,8 @@ def final_test(cfg: Config, trainer: Trainer) -> dict[str, Any]:
         return {}
     src, ref = trainer.data.text("test", "src"), trainer.data.text("test", "tgt")
     candidates = {"best": trainer.best_path}
-    avg = average_last(trainer) if cfg.train.keep_last > 1 else None
-    if avg is not None:
-        candidates["averaged"] = avg
+    if averaged is not None:
+        candidates["averaged"] = averaged
     results = {}
     for label, path in candidates.items():
         for beam in sorted({cfg.decode.beam, 1}, reverse=True):

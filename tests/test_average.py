@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_checkpoint, tiny_config
+from helpers import build_checkpoint, error_line, tiny_config
 
 from mt.average import average_checkpoints
 from mt.checkpoint import load_checkpoint, save_checkpoint
@@ -91,3 +91,11 @@ def test_missing_files_and_empty_lists_are_errors(tmp_path, capsys, pair):
     save_checkpoint(no_model, {"optimizer": {}})
     with pytest.raises(CheckpointError, match=r"opt_only\.pt: not a model checkpoint \(no 'config', 'model'"):
         average_checkpoints([str(no_model)], str(tmp_path / "x.pt"))
+
+
+def test_standard_output_is_refused_as_the_output(tmp_path, pair, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["average", "--output", "-", str(pair[0]), str(pair[1])]) == 2
+    line = error_line(capsys.readouterr().err, "average")
+    assert "--output -: a checkpoint cannot go to standard output; name a file" in line
+    assert list(tmp_path.iterdir()) == []  # no file named `-`

@@ -89,6 +89,28 @@ def test_failed_write_keeps_old_checkpoint(tmp_path, monkeypatch):
     assert load_checkpoint(path)["step"] == 1
 
 
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs Linux's /dev/full")
+def test_a_full_disk_under_torchs_zip_writer_is_named_as_such(tmp_path, monkeypatch):
+    """torch.save reports the ENOSPC of a file's write as "enforce fail at inline_container.cc
+    ... unexpected pos": the error says what happened and names the file."""
+    path = tmp_path / "checkpoint_last.pt"
+    save_checkpoint(path, {"step": 1})
+    before = path.read_bytes()
+
+    class FullDisk(ckpt.AtomicFile):  # every write fails with ENOSPC, as on a full disk
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.file.close()
+            self.file = open("/dev/full", "wb")  # closed by commit or discard
+
+    monkeypatch.setattr(ckpt, "AtomicFile", FullDisk)
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(path, {"step": 2, "weights": torch.zeros(10_000)})
+    assert str(info.value) == f"cannot save checkpoint {path}: No space left on device"
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_interrupt_removes_temp_file(tmp_path, monkeypatch):
     def interrupted(obj, f):
         f.write(b"partial")

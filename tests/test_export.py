@@ -12,6 +12,7 @@ int8, speed) are in scripts/bench_decode.py.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import re
@@ -36,6 +37,7 @@ from helpers import (
     tiny_spm_pair,
     write_lines,
 )
+from safetensors import SafetensorError
 
 import mt.export.ct2
 from mt.checkpoint import load_checkpoint, save_checkpoint
@@ -355,6 +357,69 @@ def test_an_export_that_fails_midway_leaves_the_earlier_one_whole(
     )
     assert (out / "model.bin").read_bytes() == before and read_manifest(out).quantization is None
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_a_full_disk_while_writing_a_transformers_export_is_one_line(
+    checkpoint_of, tmp_path, monkeypatch, capsys
+):
+    def disk_full(tensors, filename, metadata=None):  # what safetensors raises on a full disk
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+    out = tmp_path / "hf"
+    assert main(["export", "hf", "--checkpoint", str(checkpoint_of()), "--output", str(out)]) == 2
+    assert error_line(capsys.readouterr().err, "export").endswith(
+        f"cannot write {out}: model.safetensors: No space left on device"
+    )
+    assert list(tmp_path.iterdir()) == []  # the temporary directory is gone, nothing half-written
+
+
+def test_an_export_under_a_file_says_that_the_parent_is_a_file(checkpoint_of, tmp_path, capsys):
+    notes = tmp_path / "notes"
+    notes.write_text("keep me")
+    for out in (notes / "export", notes / "deeper" / "export"):
+        capsys.readouterr()
+        args = ["export", "ctranslate2", "--checkpoint", str(checkpoint_of()), "--output", str(out)]
+        assert main(args) == 2
+        assert error_line(capsys.readouterr().err, "export").endswith(
+            f"--output {out}: its parent {notes} is a file, not a directory"
+        )
+    assert notes.read_text() == "keep me"
+
+
+def test_an_export_checks_its_vocabularies_and_subword_models_when_it_is_read(
+    checkpoint_of, tmp_path, capsys
+):
+    ck, other = checkpoint_of(), checkpoint_of(separate=True)
+    ours = export("ctranslate2", ck, tmp_path / "ct2")
+    foreign = export("ctranslate2", other, tmp_path / "other")
+    parts = json.loads((ours / MANIFEST).read_text())["parts"]
+    assert {"source.spm", "target.spm"} <= set(parts) and any(n.endswith("vocabulary.json") for n in parts)
+    spm = (ours / "source.spm").read_bytes()
+    assert parts["source.spm"] == {"size": len(spm), "sha256": hashlib.sha256(spm).hexdigest()}
+    src = write_lines(tmp_path / "in.txt", SOURCES[:2])
+    for name in [n for n in parts if n.endswith(".json")][:1] + ["source.spm", "target.spm"]:
+        pristine = (ours / name).read_bytes()
+        theirs = foreign / name if (foreign / name).exists() else foreign / "source_vocabulary.json"
+        shutil.copyfile(theirs, ours / name)  # the parts of another model, as a user might mix them up
+        capsys.readouterr()
+        assert main(["translate", "--model", str(ours), "--input", str(src)]) == 2
+        line = error_line(capsys.readouterr().err, "translate")
+        assert f"{ours / name} is not the file this export was made with" in line, line
+        (ours / name).write_bytes(pristine)
+    CT2Translator.from_export(ours, "cpu")  # whole again
+    # A Transformers export is checked alike, whichever part was swapped.
+    hf = export("hf", ck, tmp_path / "hf")
+    shutil.copyfile(foreign / "target.spm", hf / "target.spm")
+    with pytest.raises(ExportError, match="target.spm is not the file this export was made with"):
+        read_manifest(hf)
+    # An export written before the parts were recorded loads as it did.
+    manifest = json.loads((ours / MANIFEST).read_text())
+    del manifest["parts"]
+    (ours / MANIFEST).write_text(json.dumps(manifest))
+    shutil.copyfile(foreign / "target.spm", ours / "target.spm")
+    assert read_manifest(ours).parts is None
 
 
 def test_what_ctranslate2_cannot_express_is_a_one_line_error(checkpoint_of, tmp_path, capsys):

@@ -98,11 +98,20 @@ def test_fine_tuning_starts_where_the_checkpoint_left_off_with_its_vocabulary(
     ],
     ids=["width", "depth (dropout may change)", "languages"],
 )
-def test_a_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path, trained, other_slice, overrides, message):
+def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_prepared_or_left_behind(
+    tmp_path, trained, other_slice, overrides, message, capsys
+):
     cfg = _tiny(tmp_path, "misfit", f"data.local_dir={other_slice}", f"train.init_from={trained}", *overrides)
     with pytest.raises(CheckpointError, match="train.init_from: ") as e:
         train(cfg)
     assert message in str(e.value)
+    assert not cfg.prepared_dir.exists() and not cfg.out_dir.exists() and cfg.out_dir.parent.is_dir()
+    config = REPO / "configs" / "tiny.yaml"
+    args = [f"data.local_dir={other_slice}", f"data.prepared_dir={cfg.prepared_dir}",
+            f"train.out_dir={cfg.out_dir}", f"train.init_from={trained}", *overrides]
+    assert main(["prepare", str(config), *args]) == 2  # mt prepare checks it alike
+    assert message in error_line(capsys.readouterr().err, "prepare")
+    assert not cfg.prepared_dir.exists()
 
 
 def test_a_missing_checkpoint_to_fine_tune_is_one_line(tmp_path, capsys):
@@ -113,6 +122,7 @@ def test_a_missing_checkpoint_to_fine_tune_is_one_line(tmp_path, capsys):
         assert main([cmd, str(config), *overrides]) == 2
         line = error_line(capsys.readouterr().err, cmd)
         assert f"train.init_from: checkpoint not found: {tmp_path / 'nope.pt'}" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no prepared data, no empty run directory
 
 
 def test_a_cache_with_other_subword_models_out_of_reach_is_refused(tmp_path, trained, other_slice):

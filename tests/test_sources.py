@@ -27,7 +27,7 @@ from mt.batching import Mixture, TokenBatcher
 from mt.cli import main
 from mt.config import DataConfig, SourceConfig, load_config
 from mt.dataset import load_prepared
-from mt.errors import CheckpointError
+from mt.errors import CheckpointError, DataError
 from mt.prepare import fingerprint, prepare
 from mt.sources import inputs_reachable
 from mt.trainer import train
@@ -234,3 +234,84 @@ def test_a_hub_source_keeps_the_first_max_train_pairs_of_its_training_split(tmp_
     assert data.meta["splits"]["train"]["read"] == 50
     first = multi30k_lines("train", "de")[0]
     assert data.tokenizer.src.decode(data.split("train").src(0).tolist()) == first
+
+
+@pytest.mark.parametrize(
+    "splits, pairs, first, valid",
+    [
+        ("{train: 'train[:280]', valid: 'train[280:]', test: test}", 0, 0, (280, 300)),
+        ("{train: 'train[100:]', valid: 'train[:20]', test: test}", 50, 100, (0, 20)),
+        ("{train: 'train[-90%:]', valid: 'train[:10%]', test: test}", 0, 30, (0, 30)),
+    ],
+    ids=["head and tail", "a tail cut by max_train_pairs", "percentages"],
+)
+def test_a_sliced_hub_split_reads_exactly_its_rows_so_validation_never_leaks_into_training(
+    tmp_path, monkeypatch, splits, pairs, first, valid
+):
+    iwslt2017_repository(tmp_path, PARQUET)
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"data.hub_splits={splits}", f"data.max_train_pairs={pairs}", "data.vocab_size=200"]
+    cfg = load_config(REPO / "configs" / "iwslt2017_de_en.yaml", overrides)
+    data = load_prepared(prepare(cfg, quiet=True))
+    lines = multi30k_lines("train", "de")  # the copy's train split: Multi30k's first 300 pairs
+    assert data.text("valid", "src") == list(lines[valid[0] : valid[1]])
+    train_split = data.split("train")
+    trained = {data.tokenizer.src.decode(train_split.src(i).tolist()) for i in range(len(train_split))}
+    assert data.tokenizer.src.decode(train_split.src(0).tolist()) == lines[first]
+    assert len(trained) == data.meta["splits"]["train"]["read"] == (pairs or 300 - (valid[1] - valid[0]))
+    assert not trained & set(data.text("valid", "src")), "validation rows leaked into training"
+
+
+def test_an_evaluation_source_without_a_valid_split_is_refused_before_anything_is_written(
+    tmp_path, capsys
+):
+    cfg = _two_sources(tmp_path / "named", eval_source="synth")
+    for run in (prepare, train):
+        with pytest.raises(DataError) as e:
+            run(cfg)
+        assert str(e.value).startswith(
+            "data.sources[0].local_splits: no 'valid' split of source 'synth', the evaluation source "
+            "(data.eval_source) (train only)"
+        ), str(e.value)
+    assert not cfg.prepared_dir.exists() and not cfg.out_dir.exists()
+    # One corpus: the same refusal, at prepare and train, one line each.
+    corpus = make_corpus(tmp_path / "corpus", n_train=50)
+    args = [str(corpus_config(tmp_path / "one", corpus)), "data.local_splits={train: train, test: test}"]
+    for cmd in ("prepare", "train"):
+        assert main([cmd, *args]) == 2
+        line = error_line(capsys.readouterr().err, cmd)
+        assert "data.local_splits: no 'valid' split (test, train only): training needs one" in line
+    assert not (tmp_path / "one" / "prepared").exists() and not (tmp_path / "one" / "run").exists()
+
+
+def _epochs(run):
+    """{step: the epoch the run is in after it} of the train records."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["epoch"] for r in rows if r["kind"] == "train"}
+
+
+@pytest.mark.slow
+def test_new_weights_take_effect_at_the_next_epoch_and_the_resumed_epoch_keeps_its_batches(
+    tmp_path, capsys
+):
+    # Weights (2, 0.5) cut 12 batches an epoch here, (1, 3) 43.
+    budget = ["train.valid_every=0"]
+    whole = _two_sources(tmp_path / "whole", extra=[*budget, "train.max_steps=12"])
+    train(whole)
+    run = _two_sources(tmp_path / "run", extra=[*budget, "train.max_steps=5"])
+    train(run)
+    capsys.readouterr()
+    new = (1.0, 3.0)
+    train(_two_sources(tmp_path / "run", weights=new, extra=[*budget, "train.max_steps=8"]))
+    said = ("source weights changed ({'synth': 2.0, 'iwslt': 0.5} -> {'synth': 1.0, 'iwslt': 3.0}): epoch 0 "
+            "goes on with the weights it began with; the new ones take effect at epoch 1")
+    assert said in capsys.readouterr().out
+    # Resumed again within the epoch: the checkpoint says which weights the epoch began with.
+    train(_two_sources(tmp_path / "run", weights=new, extra=[*budget, "train.max_steps=55"]))
+    assert said in capsys.readouterr().out
+    assert _losses(run.out_dir)[:12] == _losses(whole.out_dir), "epoch 0 is the one it began as"
+    epochs = _epochs(run.out_dir)
+    assert [s for s in epochs if epochs[s] == 1] == list(range(12, 55)), "epoch 1: the new weights' batches"
+    # At an epoch boundary the change takes effect at once.
+    train(_two_sources(tmp_path / "run", extra=[*budget, "train.max_steps=56"]))  # back to (2, 0.5)
+    assert "the new ones take effect now, at the start of epoch 2" in capsys.readouterr().out

@@ -12,6 +12,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,15 +22,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DRIVER, KILLED, corpus_config, corpus_files, error_line, run_mt, synthetic_pairs
+from helpers import (
+    DRIVER,
+    KILLED,
+    REPO,
+    corpus_config,
+    corpus_files,
+    error_line,
+    run_mt,
+    synthetic_pairs,
+)
 
+import mt.average
 import mt.checkpoint as ckpt_mod
 import mt.trainer as trainer_mod
-from mt.checkpoint import load_checkpoint, step_checkpoints
+from mt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 from mt.cli import main
 from mt.config import load_config
-from mt.errors import CheckpointError, MTError
-from mt.prepare import cache_lock
+from mt.errors import CheckpointError, DataError, MTError
+from mt.prepare import cache_lock, prepare
 from mt.trainer import train
 
 # `corpus` and `prepared_dir` are conftest's, shared by the module (read only).
@@ -183,13 +195,93 @@ def test_unprepared_data_is_prepared_first(tmp_path, corpus, capsys):
     assert "preparing it first" in capsys.readouterr().out
 
 
-def test_last_checkpoints_are_averaged_and_scored(tmp_path, corpus):
-    cfg = _cfg(tmp_path, corpus, "train.max_steps=6", "train.valid_every=2", "train.keep_last=2")
+def test_the_end_checkpoints_are_averaged_validated_and_the_better_one_is_final(tmp_path, corpus, capsys):
+    # Validations (and step checkpoints) at steps 2, 4, 6, 7 (the epoch's end) and 8; keep_last
+    # keeps 4, 6, 7, 8, and the last quarter of the run's 8 steps begins at step 6.
+    cfg = _cfg(tmp_path, corpus, "train.max_steps=8", "train.valid_every=2", "train.keep_last=4")
     result = train(cfg)
-    steps = sorted(p.name for p in cfg.out_dir.glob("checkpoint_step*.pt"))
-    assert steps == ["checkpoint_step4.pt", "checkpoint_step6.pt"]
-    assert (cfg.out_dir / "checkpoint_avg.pt").exists()
+    run = cfg.out_dir
+    steps = [p.name for _, p in step_checkpoints(run)]
+    assert steps == [f"checkpoint_step{n}.pt" for n in (4, 6, 7, 8)]
+    average = result["average"]
+    assert average["checkpoints"] == steps[1:]
+    assert average["metric"] == "valid_bleu" and {"valid_loss", "valid_bleu"} <= set(average["valid"])
+    assert load_checkpoint(run / "checkpoint_avg.pt")["averaged_from"] == [str(run / s) for s in steps[1:]]
+    final = "checkpoint_best.pt" if average["worse_than_best"] else "checkpoint_avg.pt"
+    assert result["final_checkpoint"] == final and (run / "checkpoint_final.pt").resolve() == run / final
+    assert json.loads((run / "summary.json").read_text())["final_checkpoint"] == final
+    assert f"{run / 'checkpoint_final.pt'} -> {final}" in capsys.readouterr().out
     assert {"best_beam2", "best_beam1", "averaged_beam2", "averaged_beam1"} <= set(result["test"])
+
+
+def test_an_average_worse_than_the_best_on_the_validation_set_is_said_and_not_final(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    real = mt.average.average_checkpoints
+
+    def ruined(paths, output, quiet=False):  # an average that has lost what the model learned
+        real(paths, output, quiet)
+        ck = load_checkpoint(output)
+        torch.manual_seed(0)
+        ck["model"] = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in ck["model"].items()}
+        save_checkpoint(output, ck)
+
+    monkeypatch.setattr(mt.average, "average_checkpoints", ruined)
+    cfg = _cfg(tmp_path, corpus, "train.max_steps=8", "train.valid_every=2", "train.keep_last=4",
+               "train.best_metric=loss", "train.valid_bleu=false")
+    result = train(cfg)
+    run = cfg.out_dir
+    assert result["average"]["worse_than_best"] and result["average"]["metric"] == "valid_loss"
+    assert result["average"]["valid"]["valid_loss"] > result["average"]["best"] == result["best"]
+    assert result["final_checkpoint"] == "checkpoint_best.pt"
+    assert (run / "checkpoint_final.pt").resolve() == run / "checkpoint_best.pt"
+    assert json.loads((run / "summary.json").read_text())["average"]["worse_than_best"] is True
+    assert "the average is worse than the best on the validation set" in capsys.readouterr().out
+    assert {"best_beam2", "averaged_beam2"} <= set(result["test"])  # both are still scored on test
+
+
+def test_make_translate_and_evaluate_use_the_final_checkpoint_once_there_is_one(tmp_path):
+    def commands() -> list[str]:
+        out = subprocess.run(["make", "-n", "translate", "evaluate", f"RUN_DIR={tmp_path}"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
+        return [line for line in out.splitlines() if "mt translate" in line or "mt evaluate" in line]
+
+    assert all(f"--checkpoint {tmp_path / 'checkpoint_best.pt'}" in c for c in commands())  # mid-run
+    (tmp_path / "checkpoint_final.pt").symlink_to("checkpoint_avg.pt")
+    assert all(f"--checkpoint {tmp_path / 'checkpoint_final.pt'}" in c for c in commands())
+    assert len(commands()) == 2
+
+
+FUSED_ADAMW_ON_CPU = (2, 4)  # the first torch whose AdamW(fused=True) runs on the CPU
+
+
+def test_the_torch_floor_has_the_fused_adamw_the_trainer_builds_on_the_cpu(tmp_path, corpus, prepared_dir):
+    cfg = _cfg(tmp_path, corpus, "train.device=cpu", f"data.prepared_dir={prepared_dir}")
+    trainer = trainer_mod.Trainer(cfg)
+    try:
+        fused = trainer.optimizer.defaults.get("fused")
+    finally:
+        trainer.close()
+    floor = re.search(r'"torch>=(\d+)\.(\d+)', (REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert floor is not None
+    if fused:  # an older torch allowed by pyproject.toml would fail at the first step
+        assert (int(floor[1]), int(floor[2])) >= FUSED_ADAMW_ON_CPU, floor[0]
+
+
+def test_a_prepared_cache_without_a_valid_split_is_refused(tmp_path, corpus):
+    """A cache used as it is (its corpus out of reach) that has no validation split, as older
+    versions prepared: training could not validate, so it does not start."""
+    moved = shutil.copytree(corpus, tmp_path / "corpus")
+    cfg = load_config(corpus_config(tmp_path, moved), ["train.max_steps=1"])
+    prepare(cfg, quiet=True)
+    meta_path = cfg.prepared_dir / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    del meta["splits"]["valid"]
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    shutil.rmtree(moved)
+    with pytest.raises(DataError, match=f"the prepared data in {cfg.prepared_dir} has no 'valid' split"):
+        train(cfg)
+    assert not cfg.out_dir.exists()
 
 
 def test_fp16_decoding_on_cpu_is_refused_before_training(tmp_path, corpus):
@@ -314,7 +406,10 @@ def _content(path: Path) -> dict:
     """A checkpoint without what legitimately differs between two runs: paths and wall time."""
     ck = load_checkpoint(path)
     ck.pop("config")  # holds train.out_dir
-    ck["state"].pop("elapsed")
+    if "averaged_from" in ck:  # checkpoint_avg.pt (and checkpoint_final.pt, its link): their paths
+        ck["averaged_from"] = [Path(p).name for p in ck["averaged_from"]]
+    else:
+        ck["state"].pop("elapsed")
     return ck
 
 

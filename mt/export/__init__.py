@@ -12,14 +12,18 @@ directory whole.
 
 An export directory is self-contained: the model, its vocabularies, the SentencePiece models
 (`source.spm`, `target.spm`), a README with a runnable example, and `mt_export.json`: the
-engine, the checkpoint it came from and that checkpoint's resolved config (its decode section
-gives `mt translate --model` its defaults). It is built in a temporary directory beside DIR and
+engine, the checkpoint it came from, that checkpoint's resolved config (its decode section
+gives `mt translate --model` its defaults) and the size and sha256 of each vocabulary and
+SentencePiece model, checked whenever the export is read: another model's files would
+translate into nonsense without any error (exports written before these were recorded load
+unchecked). It is built in a temporary directory beside DIR and
 put in its place whole (mt.files.replace_dir), so an interrupted export leaves the previous
 one or none. An existing DIR is replaced only when it is an export of ours.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import shutil
@@ -27,11 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mt.config import Config, from_dict, to_dict
 from mt.errors import ConfigError, ExportError, MTError
-from mt.files import remove_stale, replace_dir, temp_path, write_atomic
+from mt.files import file_above, remove_stale, replace_dir, temp_path, write_atomic
 
 if TYPE_CHECKING:  # torch is imported only when a checkpoint is loaded
     from mt.translator import Translator
@@ -40,6 +44,12 @@ INSTALL = "pip install -e '.[export]'"  # what installs the extra, in a checkout
 MANIFEST = "mt_export.json"
 FORMAT = "mt-export"
 VERSION = 1
+# The files that turn text into ids and back (CTranslate2's and Transformers' names): the
+# manifest records their sizes and checksums, and reading an export checks them.
+PARTS = (
+    "source.spm", "target.spm", "shared_vocabulary.json", "source_vocabulary.json",
+    "target_vocabulary.json", "vocab.json", "target_vocab.json",
+)
 
 
 def require(module: str, what: str) -> ModuleType:
@@ -73,8 +83,12 @@ class Manifest:
     checkpoint: str  # the checkpoint it was exported from, as given
     config: Config  # that checkpoint's resolved config
     quantization: str | None = None  # CTranslate2's weight type, None for the checkpoint's (fp32)
+    # PARTS present in the export -> {"size": bytes, "sha256": hex}; None in older exports.
+    parts: dict[str, dict[str, Any]] | None = None
 
     def write(self, directory: Path) -> None:
+        """Write the manifest into the complete export `directory`, recording its PARTS."""
+        self.parts = {name: _fingerprint(directory / name) for name in PARTS if (directory / name).is_file()}
         data = {
             "format": FORMAT,
             "version": VERSION,
@@ -83,6 +97,7 @@ class Manifest:
             "name": self.config.name,
             "quantization": self.quantization,
             "config": to_dict(self.config),
+            "parts": self.parts,
         }
         write_atomic(directory / MANIFEST, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
@@ -114,9 +129,43 @@ def read_manifest(directory: str | Path) -> Manifest:
     try:
         config = from_dict(data["config"], where=f"{path}: ")
         config.name = str(data.get("name", config.name))
-        return Manifest(str(data["engine"]), str(data["checkpoint"]), config, data.get("quantization"))
+        manifest = Manifest(
+            str(data["engine"]), str(data["checkpoint"]), config, data.get("quantization"), data.get("parts")
+        )
     except (KeyError, ConfigError) as e:
         raise ExportError(f"{path} is incomplete or from another version of mt ({e})") from None
+    check_parts(directory, manifest)
+    return manifest
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def check_parts(directory: Path, manifest: Manifest) -> None:
+    """Each vocabulary and SentencePiece model the manifest records is there, of its size and
+    checksum; anything else is an ExportError naming the file."""
+    for name, recorded in (manifest.parts or {}).items():
+        path = directory / name
+        try:
+            found = _fingerprint(path)
+        except OSError as e:
+            raise ExportError(
+                f"{path}: cannot read it ({e.strerror or e}); it is part of this export: export again"
+            ) from None
+        if found != recorded:
+            what = (
+                f"{found['size']} bytes where {MANIFEST} records {recorded.get('size')}"
+                if found["size"] != recorded.get("size") else f"its sha256 is not the one {MANIFEST} records"
+            )
+            raise ExportError(
+                f"{path} is not the file this export was made with ({what}): another model's "
+                f"vocabulary or subword model translates into nonsense; export again from the checkpoint"
+            )
 
 
 # --------------------------------------------------------------------------- the directory
@@ -129,6 +178,9 @@ def write_export(output: str | Path, fill: Callable[[Path], None]) -> Path:
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} is a file; give a directory for the export")
+    blocker = file_above(output)
+    if blocker is not None:
+        raise ExportError(f"--output {output}: its parent {blocker} is a file, not a directory")
     if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).is_file():
         raise ExportError(
             f"--output {output} exists and is not an mt export; give a new directory (or remove it)"

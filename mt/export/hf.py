@@ -36,11 +36,14 @@ our greedy output token for token (up to per-sentence length limits, which `gene
 from __future__ import annotations
 
 import json
+import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     GenerationConfig,
@@ -282,6 +285,13 @@ def _tokenizer(directory: Path, tokenizer: Tokenizer, config: Config) -> MarianT
         )
 
 
+def _io_reason(e: SafetensorError) -> str:
+    """safetensors' "Error while serializing: I/O error: No space left on device (os error 28)"
+    as the system says it: "No space left on device"."""
+    code = re.search(r"\(os error (\d+)\)", str(e))
+    return os.strerror(int(code.group(1))) if code else " ".join(str(e).split())
+
+
 def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
     """Write the Transformers export of `checkpoint` to the directory `output` (see mt.export)."""
     translator = load_checkpoint_model(checkpoint)
@@ -290,7 +300,10 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
     hf.generation_config = generation_config(config)
 
     def fill(tmp: Path) -> None:
-        hf.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
+        try:
+            hf.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
+        except SafetensorError as e:  # its I/O errors (a full disk) carry no errno, only text
+            raise ExportError(f"cannot write {output}: model.safetensors: {_io_reason(e)}") from None
         _tokenizer(tmp, tokenizer, config).save_pretrained(tmp)
         d = config.decode
         body = README.format(
