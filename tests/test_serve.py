@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers import REPO, synthetic_pairs
 
 from mt.app import create_app
-from mt.serve import Batcher, ServeLimits
+from mt.errors import MTError
+from mt.serve import Batcher, Busy, LocalEngine, ServeLimits
 from mt.translator import Translator
 
 SRC, _ = synthetic_pairs(8, seed=21)
@@ -102,16 +106,138 @@ def test_health_schema_and_an_offline_page(client):
     assert "http://" not in page and "https://" not in page  # no external assets: works offline
 
 
-def test_attention_gives_weights_pieces_and_alignment(client):
-    r = client.post("/attention", json={"text": SRC[0], "beam": 2})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    src, tgt, w = body["src_pieces"], body["tgt_pieces"], body["weights"]
-    assert src[-1] == tgt[-1] == "</s>"
-    assert len(w[0][0]) == len(tgt) and len(w[0][0][0]) == len(src)
-    assert all(abs(sum(row) - 1) < 1e-2 for row in w[-1][0])
-    assert [j for _, j in body["alignment"]] == list(range(len(body["alignment"])))
+def test_attention_gives_one_layer_and_head_or_their_mean_in_compact_numbers(client, translator):
+    from mt.alignment import translate_and_attend
+
+    (text, attn), = translate_and_attend(translator, [SRC[0]], 2)
+    for layer, head in (("mean", "mean"), (0, 1), (0, "mean")):
+        r = client.post("/attention", json={"text": SRC[0], "beam": 2, "layer": layer, "head": head})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        src, tgt, w = body["src_pieces"], body["tgt_pieces"], body["weights"]
+        assert body["translation"] == text and (body["layer"], body["head"]) == (layer, head)
+        assert (body["layers"], body["heads"]) == (1, 2) and src[-1] == tgt[-1] == "</s>"
+        assert len(w) == len(tgt) and all(len(row) == len(src) for row in w)  # (T, S): one map only
+        full = attn.weights
+        want = full.mean(0) if layer == "mean" else full[layer]
+        want = want.mean(0) if head == "mean" else want[head]
+        assert max(abs(a - b) for ra, rb in zip(w, want.tolist(), strict=True)
+                   for a, b in zip(ra, rb, strict=True)) <= 5e-4  # 3 decimals
+        assert all(abs(sum(row) - 1) < 1e-2 for row in w)
+        assert all(len(repr(x).split(".")[-1]) <= 3 for row in w for x in row)  # compact numbers
+        assert [j for _, j in body["alignment"]] == list(range(len(body["alignment"])))
     assert client.post("/attention", json={"text": "  "}).status_code == 422
+    r = client.post("/attention", json={"text": SRC[0], "layer": 1})
+    assert r.status_code == 422 and "layer 1: the model has 1" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "message"),
+    [
+        (b'{"text": "x", "beam": NaN}', 400, "NaN is not JSON"),
+        (b'{"text": "x", "beam": Infinity}', 400, "Infinity is not JSON"),
+        (b'{"text": "x", "beam": "5"}', 422, "beam: input should be a valid integer"),
+        (b'{"text": "x", "beam": true}', 422, "beam: input should be a valid integer"),
+        (b'{"text": "x", "beam": 2.0}', 422, "beam: input should be a valid integer"),
+        (b'{"text": "x", "nbest": "1"}', 422, "nbest"),
+        (b'{"text": "x", "beem": 2}', 422, "beem: unknown key (expected text, beam, nbest)"),
+        (b'{"text": ["x", 5]}', 422, "text[1]"),
+        (b'["x"]', 422, "expected a JSON object"),
+    ],
+)
+def test_values_are_taken_as_declared_no_coercion_no_unknown_keys(client, raw, status, message):
+    r = client.post("/translate", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["status"] == status and message in r.json()["error"]
+
+
+def test_every_error_is_json_of_one_shape(client):
+    answers = [
+        client.get("/nowhere"),
+        client.get("/translate"),  # 405
+        client.post("/translate", json={"text": ["x"] * 9}),
+        client.post("/translate", content=b"{", headers={"Content-Type": "application/json"}),
+    ]
+    for r in answers:
+        assert r.headers["content-type"] == "application/json", r.text
+        body = r.json()
+        assert set(body) == {"error", "status"} and body["status"] == r.status_code, body
+
+
+def test_a_lone_surrogate_is_a_422_naming_its_line(client):
+    r = client.post("/translate", content=b'{"text": ["ein hund", "x \\ud800"]}',
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "line 2 is not valid Unicode (U+D800 at character 3" in r.json()["error"]
+
+
+def test_a_request_costlier_than_the_queue_is_413_and_a_full_queue_429(translator):
+    with TestClient(create_app(translator, ServeLimits(max_queued_cost=40))) as small:
+        r = small.post("/translate", json={"text": "ein " * 30, "beam": 2})
+        assert r.status_code == 413 and "units of work (source tokens x beam); at most 40" in r.json()["error"]
+        assert small.post("/translate", json={"text": "ein hund", "beam": 2}).status_code == 200
+
+
+class Engine:
+    """The test translator behind a switch: decoding waits for `go`, lines containing BAD raise,
+    lines containing MT raise an MTError; every decoded line is recorded."""
+
+    def __init__(self, translator: Translator) -> None:
+        self.inner = LocalEngine(translator)
+        self.config, self.tokenizer, self.device, self.attention = (
+            translator.config, translator.tokenizer, "cpu", True
+        )
+        self.go = threading.Event()
+        self.go.set()
+        self.decoded: list[str] = []
+        self.aborted = False
+
+    def translate_nbest(self, lines, beam, nbest):
+        assert self.go.wait(30)
+        if any("BAD" in line for line in lines):
+            raise RuntimeError("a bug met a bad line")
+        if any("MT" in line for line in lines):
+            raise MTError("decode.something: this engine cannot do that")
+        self.decoded += lines
+        return self.inner.translate_nbest(lines, beam, nbest)
+
+    def attention_body(self, text, beam, layer, head):
+        return self.inner.attention_body(text, beam, layer, head)
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.go.set()
+
+
+def test_one_bad_line_fails_only_its_own_request_with_a_json_500_and_a_logged_id(translator, caplog):
+    engine = Engine(translator)
+    engine.go.clear()  # everything queues up, then goes into one decoding call
+
+    async def run() -> list:
+        app = create_app(engine, ServeLimits(batch_window_ms=50))
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            asks = [c.post("/translate", json={"text": [line], "beam": 1}) for line in SRC[:6]]
+            asks.insert(3, c.post("/translate", json={"text": ["ein BAD hund"], "beam": 1}))
+            asks.insert(5, c.post("/translate", json={"text": ["ein MT hund"], "beam": 1}))
+            pending = asyncio.gather(*asks)
+            await asyncio.sleep(0.3)
+            engine.go.set()
+            return await pending
+
+    with caplog.at_level(logging.ERROR, logger="mt.serve"):
+        answers = asyncio.run(run())
+    codes = [r.status_code for r in answers]
+    assert codes == [200, 200, 200, 500, 200, 422, 200, 200], [r.text for r in answers]
+    good = [r.json()["translations"][0] for r in answers if r.status_code == 200]
+    assert good == translator.translate(SRC[:6], beam=1)
+    bad = answers[3].json()
+    assert set(bad) == {"error", "status", "id"} and bad["id"] in bad["error"]
+    assert bad["id"] in caplog.text and "a bug met a bad line" in caplog.text and "Traceback" in caplog.text
+    assert "this engine cannot do that" in answers[5].json()["error"]
 
 
 # --------------------------------------------------------------------------- the batcher
@@ -146,6 +272,75 @@ def test_a_stopping_batcher_finishes_its_queue_then_refuses(translator):
 
     done, queued = asyncio.run(run())
     assert done == translator.translate(SRC[:3], beam=1) and queued == 0
+
+
+def test_a_request_whose_client_is_gone_is_dropped_before_decoding(translator):
+    engine = Engine(translator)
+
+    async def run() -> Batcher:
+        batcher = Batcher(engine, ServeLimits(batch_window_ms=1))
+        batcher.start()
+        engine.go.clear()
+        first = asyncio.ensure_future(batcher.translate([SRC[0]], 1, 1))  # decoding, held
+        await asyncio.sleep(0.1)
+        gone = asyncio.ensure_future(batcher.translate([SRC[1]], 1, 1))  # queued behind it
+        await asyncio.sleep(0.05)
+        gone.cancel()  # what app.py does when its client hangs up
+        await asyncio.sleep(0.05)
+        assert batcher.queued_lines == 2  # still counted until the worker drops it
+        engine.go.set()
+        await first
+        await batcher.stop()
+        return batcher
+
+    batcher = asyncio.run(run())
+    assert engine.decoded == [SRC[0]] and batcher.dropped == 1 and batcher.queued_lines == 0
+
+
+def test_a_request_past_its_deadline_is_a_504_and_is_not_decoded(translator):
+    engine = Engine(translator)
+
+    async def run() -> Batcher:
+        batcher = Batcher(engine, ServeLimits(batch_window_ms=1, request_timeout_s=0.2))
+        batcher.start()
+        engine.go.clear()
+        first = asyncio.ensure_future(batcher.translate([SRC[0]], 1, 1))
+        await asyncio.sleep(0.05)  # decoding, held
+        with pytest.raises(Busy, match="not translated within 0.2 s") as late:
+            await batcher.translate([SRC[1]], 1, 1)
+        assert late.value.status == 504
+        engine.go.set()
+        with pytest.raises(Busy):  # the first one timed out too, while decoding
+            await first
+        await batcher.stop()
+        return batcher
+
+    batcher = asyncio.run(run())
+    assert engine.decoded == [SRC[0]] and batcher.timeouts == 2 and batcher.queued_cost == 0
+
+
+def test_shutting_down_answers_503_and_past_the_drain_deadline_pending_work_gets_503(translator):
+    engine = Engine(translator)
+
+    async def run() -> Batcher:
+        batcher = Batcher(engine, ServeLimits(batch_window_ms=1, drain_timeout_s=0.3))
+        batcher.start()
+        engine.go.clear()
+        pending = [asyncio.ensure_future(batcher.translate([line], 1, 1)) for line in SRC[:2]]
+        await asyncio.sleep(0.1)
+        batcher.begin_shutdown()  # SIGTERM: from now on new work is refused
+        with pytest.raises(Busy, match="shutting down") as refused:
+            await batcher.translate(["ein hund"], 1, 1)
+        assert refused.value.status == 503
+        for p in pending:  # the one decoding (held) and the one queued: both 503 at the deadline
+            with pytest.raises(Busy, match="shut down before this request was translated") as dropped:
+                await p
+            assert dropped.value.status == 503
+        await batcher.stop()
+        return batcher
+
+    batcher = asyncio.run(run())
+    assert batcher.abandoned == 2 and engine.aborted and batcher.queued_lines == 0
 
 
 # --------------------------------------------------------------------------- the real thing

@@ -20,6 +20,7 @@ one or none. An existing DIR is replaced only when it is an export of ours.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import shutil
@@ -29,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from mt.config import Config, from_dict, to_dict
+from mt.config import Config, DecodeConfig, from_dict, to_dict
 from mt.errors import ConfigError, ExportError, MTError
 from mt.files import remove_stale, replace_dir, temp_path, write_atomic
 
@@ -60,6 +61,30 @@ def load_checkpoint_model(checkpoint: str | Path) -> Translator:
     from mt.translator import Translator
 
     return Translator.from_checkpoint(checkpoint, "cpu", "fp32")
+
+
+def penalty_note(decode: DecodeConfig, engine: str) -> str:
+    """What an export's README says when it replaced the checkpoint's GNMT penalty ('' if not)."""
+    if decode.length_penalty == "fairseq":
+        return ""
+    return (
+        f"\n**Length penalty.** The checkpoint's beam search uses GNMT's length penalty, which {engine} "
+        f"lacks; this export uses fairseq's len**alpha instead (`--length-penalty fairseq`), so beam "
+        f"search can choose other translations than the checkpoint does (greedy search is unaffected).\n"
+    )
+
+
+def decode_for_export(decode: DecodeConfig, length_penalty: str | None, engine: str) -> DecodeConfig:
+    """The decode settings an export records. CTranslate2 and Transformers divide beam scores by
+    len**alpha (fairseq's penalty); GNMT's ((5 + len) / 6)**alpha cannot be expressed in either,
+    so a GNMT checkpoint is refused unless `length_penalty` "fairseq" says to export with
+    fairseq's instead (recorded in the manifest, so every tool then uses it)."""
+    if decode.length_penalty == "fairseq" or length_penalty == "fairseq":
+        return dataclasses.replace(decode, length_penalty="fairseq")
+    raise ExportError(
+        f"decode.length_penalty {decode.length_penalty!r} has no {engine} equivalent (its beam search "
+        f"divides by len**alpha); pass --length-penalty fairseq to export with that penalty instead"
+    )
 
 
 # --------------------------------------------------------------------------- the manifest
