@@ -103,6 +103,8 @@ def parse_body(body: bytes, model: type[M]) -> M:
         raise RequestError(400, f"body: not JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
     except ValueError as e:  # NaN, Infinity
         raise RequestError(400, f"body: not JSON ({e})") from None
+    except RecursionError:
+        raise RequestError(400, "body: nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(422, "body: expected a JSON object such as {\"text\": \"...\"}")
     try:

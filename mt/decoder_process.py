@@ -9,7 +9,7 @@ thread only sends it work over a pipe and waits for the answer without holding t
 The server's process never imports torch: the child sends back the checkpoint's config and
 SentencePiece models when it is ready, which is all the server needs (defaults, costs, limits).
 An error while decoding comes back as MTError (the user's to fix: a 4xx) or as
-DecoderFailure with the child's traceback (a 500 whose id is logged with it). `abort` kills
+DecoderFailure with the child's traceback (a 500 whose id is logged with it). `abort` stops
 the child (the drain deadline): the call in flight ends with Busy 503.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Sequence
@@ -34,6 +35,9 @@ def _child(conn: Connection, checkpoint: str, device: str | None, precision: str
     """The decoder process: load, say so, then answer calls until the pipe closes."""
     # Ctrl-C in a terminal reaches the whole process group: the server decides when to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # `abort`: stop between two steps of the search, cleaning up as on a normal exit (a SIGKILL
+    # would leave the resource tracker warning about what the child had open).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         from mt.device import pick_device
         from mt.translator import Translator
@@ -127,4 +131,4 @@ class ProcessEngine:
     def abort(self) -> None:
         """Stop the child now: the call in flight ends with Busy 503."""
         self._aborted = True
-        self.process.kill()
+        self.process.terminate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -12,13 +13,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from helpers import REPO, synthetic_pairs
+from helpers import error_line, free_port, post, start_server, synthetic_pairs
 
 from mt.app import create_app
 from mt.errors import MTError
@@ -346,34 +349,6 @@ def test_shutting_down_answers_503_and_past_the_drain_deadline_pending_work_gets
 # --------------------------------------------------------------------------- the real thing
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(checkpoint: Path, port: int, *options: str) -> subprocess.Popen:
-    """`mt serve` in a subprocess, once /health answers."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mt", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-         "--device", "cpu", *options],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mt serve exited {proc.returncode}: {proc.communicate()[1][-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("mt serve did not answer /health within 90 s")
-
-
 def drive_page(url: str, text: str, screenshot: Path, chromium: str) -> str:
     """Open the page in headless Chromium, translate `text`, wait for the heatmap, switch to
     layer 1 and head 1 and back to their means, and save a screenshot; returns the translation."""
@@ -405,8 +380,8 @@ def test_the_page_in_a_real_browser_translates_and_draws_the_attention(checkpoin
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no Chromium on this machine: apt-get install chromium (.ci/run does)")
-    port = _free_port()
-    server = start_server(checkpoint, port)
+    port = free_port()
+    server = start_server(port, "--checkpoint", str(checkpoint))
     try:
         shot = tmp_path / "serve.png"
         translation = drive_page(f"http://127.0.0.1:{port}/", SRC[0], shot, chromium)
@@ -432,3 +407,66 @@ def test_a_ctranslate2_export_serves_translations_but_not_attention(checkpoint, 
         assert r.json() == {"translations": ct2.translate(SRC[:3], beam=2)}
         r = c.post("/attention", json={"text": SRC[0]})
         assert r.status_code == 422 and "needs a checkpoint" in r.json()["error"]
+
+
+def test_serving_a_model_never_imports_torch(checkpoint, tmp_path):
+    from mt.cli import main
+
+    export = tmp_path / "ct2"
+    assert main(["export", "ctranslate2", "--checkpoint", str(checkpoint), "--output", str(export)]) == 0
+    port = free_port()
+    server = start_server(port, "--model", str(export), python=("-X", "importtime"))
+    try:
+        status, body = post(port, "/translate", {"text": SRC[:2], "beam": 1})
+        assert status == 200 and len(body["translations"]) == 2
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in err.splitlines()
+                if line.startswith("import time:")}
+    assert "ctranslate2" in imported and "fastapi" in imported and "torch" not in imported
+
+
+def test_sigterm_finishes_in_time_or_answers_503_and_exits_non_zero(checkpoint):
+    port = free_port()
+    server = start_server(port, "--checkpoint", str(checkpoint), "--drain-timeout-s", "0.2")
+    heavy = {"text": ["ein hund läuft im park mit einem ball " * 40] * 64, "beam": 16}
+    with ThreadPoolExecutor(4) as pool:
+        asks = [pool.submit(post, port, "/translate", heavy) for _ in range(4)]
+        deadline = time.time() + 30
+        while json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health").read())["queued_lines"] < 256:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        server.send_signal(signal.SIGTERM)
+        answers = [a.result() for a in asks]
+    _, err = server.communicate(timeout=60)
+    assert {status for status, _ in answers} == {503}, answers
+    assert all("shut down before this request was translated" in body["error"] for _, body in answers)
+    assert server.returncode == 2
+    assert error_line(err.split("Finished server process")[-1], "serve").endswith(
+        "4 request(s) were still pending at the drain deadline (0.2 s, --drain-timeout-s) and were answered 503"
+    )
+
+
+def test_a_port_out_of_range_is_one_line(checkpoint, capsys):
+    from mt.cli import main
+
+    assert main(["serve", "--checkpoint", str(checkpoint), "--port", "99999"]) == 2
+    assert error_line(capsys.readouterr().err, "serve") == (
+        "mt serve: error: --port 99999: a port is a number from 0 to 65535"
+    )
+
+
+def test_a_model_that_cannot_honour_its_beam_search_is_refused_when_it_loads(checkpoint, tmp_path, capsys):
+    from mt.cli import main
+
+    export = tmp_path / "ct2"
+    assert main(["export", "ctranslate2", "--checkpoint", str(checkpoint), "--output", str(export)]) == 0
+    manifest = json.loads((export / "mt_export.json").read_text())
+    manifest["config"]["decode"]["length_penalty"] = "gnmt"  # as exports made before the refusal
+    (export / "mt_export.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["serve", "--model", str(export), "--port", str(free_port())]) == 2
+    line = error_line(capsys.readouterr().err, "serve")
+    assert "decode.length_penalty 'gnmt' has no CTranslate2 equivalent" in line and "--max-beam 1" in line
