@@ -106,7 +106,7 @@ def parse_body(body: bytes, model: type[M]) -> M:
     except RecursionError:
         raise RequestError(400, "body: nested too deeply") from None
     if not isinstance(data, dict):
-        raise RequestError(422, "body: expected a JSON object such as {\"text\": \"...\"}")
+        raise RequestError(422, 'body: expected a JSON object such as {"text": "..."}')
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -115,11 +115,17 @@ def parse_body(body: bytes, model: type[M]) -> M:
         first = max(field_errors, key=lambda x: len(x["loc"]))  # in a union, the branch that got furthest
         where = _where(first["loc"])
         if first["type"] == "extra_forbidden":
-            raise RequestError(422, f"{where}: unknown key (expected {', '.join(model.model_fields)})") from None
+            raise RequestError(
+                422, f"{where}: unknown key (expected {', '.join(model.model_fields)})"
+            ) from None
         if first["type"] == "missing":
             raise RequestError(422, f"{where}: required") from None
         field = model.model_fields.get(str(first["loc"][0]))
-        wanted = f" (expected {field.description})" if field and field.description and len(first["loc"]) > 1 else ""
+        wanted = (
+            f" (expected {field.description})"
+            if field and field.description and len(first["loc"]) > 1
+            else ""
+        )
         message = first["msg"][0].lower() + first["msg"][1:]
         raise RequestError(422, f"{where}: {message}{wanted}, got {_shown(first['input'])}") from None
 
@@ -228,8 +234,15 @@ class Guard:
         """Log a failure with an id and its traceback; answer a JSON 500 naming the id."""
         ident = uuid.uuid4().hex[:12]
         trace = f"\n-- in the decoder process:\n{error.trace}" if isinstance(error, DecoderFailure) else ""
-        log.error("error %s in %s %s: %s%s", ident, scope["method"], scope["path"], error, trace,
-                  exc_info=(type(error), error, error.__traceback__))
+        log.error(
+            "error %s in %s %s: %s%s",
+            ident,
+            scope["method"],
+            scope["path"],
+            error,
+            trace,
+            exc_info=(type(error), error, error.__traceback__),
+        )
         if send is not None:
             body = error_body(500, f"internal error {ident} (logged by the server)", id=ident)
             await send_json(send, 500, body)
@@ -253,7 +266,9 @@ def guarded_protocol(limits: ServeLimits) -> type:
             super().connection_made(transport)
             if len(self.connections) > limits.limit_concurrency:
                 log.warning("refused a connection: %d open (--limit-concurrency)", len(self.connections) - 1)
-                transport.write(raw(503, f"too many connections (at most {limits.limit_concurrency}); retry shortly"))
+                transport.write(
+                    raw(503, f"too many connections (at most {limits.limit_concurrency}); retry shortly")
+                )
                 transport.close()
                 return
             self._arm(None)
@@ -267,7 +282,11 @@ def guarded_protocol(limits: ServeLimits) -> type:
 
         def _headers_late(self, cycle: Any) -> None:
             # No new request since the timer was set, and its headers are not all in.
-            if self.transport.is_closing() or self.cycle is not cycle or self.conn.their_state is not h11.IDLE:
+            if (
+                self.transport.is_closing()
+                or self.cycle is not cycle
+                or self.conn.their_state is not h11.IDLE
+            ):
                 return
             text = f"request headers not received within {limits.header_timeout_s:g} s"
             self.transport.write(raw(408, text))
@@ -306,15 +325,18 @@ def create_app(engine: Engine | Any, limits: ServeLimits | None = None) -> FastA
             raise RequestError(413, f"text: {len(lines)} lines; at most {limits.max_lines} per request")
         for n, line in enumerate(lines, 1):
             if len(line) > limits.max_chars:
-                raise RequestError(413, f"text: line {n} has {len(line)} characters; at most {limits.max_chars}")
+                raise RequestError(
+                    413, f"text: line {n} has {len(line)} characters; at most {limits.max_chars}"
+                )
             if "\n" in line or "\r" in line:
                 raise RequestError(422, f"text: line {n} contains a line break; send a list of lines")
             try:
                 line.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise RequestError(
-                    422, f"text: line {n} is not valid Unicode (U+{ord(line[e.start]):04X} at character "
-                    f"{e.start + 1}: a lone surrogate)"
+                    422,
+                    f"text: line {n} is not valid Unicode (U+{ord(line[e.start]):04X} at character "
+                    f"{e.start + 1}: a lone surrogate)",
                 ) from None
 
     def check_beam(beam: int | None) -> int:
@@ -368,9 +390,14 @@ def create_app(engine: Engine | Any, limits: ServeLimits | None = None) -> FastA
             raise RequestError(422, "text: nothing to translate")
         beam = check_beam(req.beam)
         picked = []
-        for name, value, count in (("layer", req.layer, decoder_layers), ("head", req.head, config.model.heads)):
+        for name, value, count in (
+            ("layer", req.layer, decoder_layers),
+            ("head", req.head, config.model.heads),
+        ):
             if value != "mean" and not 0 <= value < count:
-                raise RequestError(422, f"{name} {value}: the model has {count} (0 to {count - 1}, or \"mean\")")
+                raise RequestError(
+                    422, f'{name} {value}: the model has {count} (0 to {count - 1}, or "mean")'
+                )
             picked.append(None if value == "mean" else value)
         tokens = len(engine.tokenizer.encode_src([req.text.strip()])[0])
         if tokens > limits.max_attention_tokens:
@@ -427,7 +454,11 @@ def serve(engine: Engine | Any, host: str, port: int, limits: ServeLimits | None
                 app.state.loop.call_soon_threadsafe(batcher.begin_shutdown)
 
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="info", http=guarded_protocol(limits),
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        http=guarded_protocol(limits),
         timeout_graceful_shutdown=int(limits.drain_timeout_s) + 10,
     )
     Server(config).run()

@@ -50,8 +50,16 @@ def _child(conn: Connection, checkpoint: str, device: str | None, precision: str
         conn.send(("failure", f"{type(e).__name__}: {e}", traceback.format_exc()))
         return
     tok = translator.tokenizer
-    conn.send(("ready", to_dict(translator.config), translator.config.name, tok.src_proto,
-               None if tok.joint else tok.tgt_proto, str(translator.device)))
+    conn.send(
+        (
+            "ready",
+            to_dict(translator.config),
+            translator.config.name,
+            tok.src_proto,
+            None if tok.joint else tok.tgt_proto,
+            str(translator.device),
+        )
+    )
     while True:
         try:
             kind, args = conn.recv()

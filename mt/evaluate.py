@@ -95,7 +95,9 @@ def evaluate_checkpoint(
     if decode is not None:
         translator.config.decode = dataclasses.replace(decode, precision=translator.config.decode.precision)
     precision = translator.config.decode.precision
-    return _evaluate(translator, ck_path, src_lines, ref_lines, beam, max_tokens, name, precision, write, progress)
+    return _evaluate(
+        translator, ck_path, src_lines, ref_lines, beam, max_tokens, name, precision, write, progress
+    )
 
 
 def evaluate_export(
@@ -125,7 +127,9 @@ def evaluate_export(
     if compute_type in (None, "default"):
         compute_type = read_manifest(model_dir).quantization or "float32"
     label = f"ct2-{compute_type}"
-    return _evaluate(translator, Path(model_dir), src_lines, ref_lines, beam, max_tokens, name, label, write, progress)
+    return _evaluate(
+        translator, Path(model_dir), src_lines, ref_lines, beam, max_tokens, name, label, write, progress
+    )
 
 
 def _check_lines(src_lines: Sequence[str], ref_lines: Sequence[str], name: str) -> None:

@@ -122,13 +122,15 @@ class Engine(Protocol):
     def abort(self) -> None: ...
 
 
-def attention_body(translator: Any, text: str, beam: int | None, layer: int | None, head: int | None) -> bytes:
+def attention_body(
+    translator: Any, text: str, beam: int | None, layer: int | None, head: int | None
+) -> bytes:
     """The JSON body of /attention: `translator`'s translation of `text`, its pieces, the cross-
     attention weights of one layer and head (None: their mean) with 3 decimals, and the word
     alignment. Built where the model runs (never on the event loop): it is the large part."""
     from mt.alignment import translate_and_attend
 
-    (translation, attn), = translate_and_attend(translator, [text], beam)
+    ((translation, attn),) = translate_and_attend(translator, [text], beam)
     if attn is None:  # a blank line: app.py refuses those before they are queued
         raise MTError("text: nothing to translate")
     w = attn.weights
@@ -242,7 +244,11 @@ class Batcher:
         return await self._submit([text], beam, 1, cost, (layer, head))
 
     async def _submit(
-        self, lines: list[str], beam: int | None, nbest: int, cost: int | None,
+        self,
+        lines: list[str],
+        beam: int | None,
+        nbest: int,
+        cost: int | None,
         attention: tuple[int | None, int | None] | None,
     ) -> Any:
         if self.closing:
@@ -266,7 +272,9 @@ class Batcher:
         except TimeoutError:
             job.gone = True
             self.timeouts += 1
-            raise Busy(504, f"not translated within {self.limits.request_timeout_s:g} s; retry later") from None
+            raise Busy(
+                504, f"not translated within {self.limits.request_timeout_s:g} s; retry later"
+            ) from None
         except asyncio.CancelledError:  # the client hung up (app.py cancels its request)
             job.gone = True
             raise
@@ -330,9 +338,11 @@ class Batcher:
             self.calls += 1
             self.lines += sum(len(j.lines) for j in group)
             if job.attention is not None:
-                out = [await loop.run_in_executor(
-                    self.executor, self.engine.attention_body, job.lines[0], job.beam, *job.attention
-                )]
+                out = [
+                    await loop.run_in_executor(
+                        self.executor, self.engine.attention_body, job.lines[0], job.beam, *job.attention
+                    )
+                ]
             else:
                 lines = [line for j in group for line in j.lines]
                 flat = await loop.run_in_executor(
@@ -370,8 +380,11 @@ class Batcher:
     def _abandon(self) -> None:
         if not self.pending:
             return
-        log.error("drain deadline (%g s) passed: answering %d request(s) 503",
-                  self.limits.drain_timeout_s, len(self.pending))
+        log.error(
+            "drain deadline (%g s) passed: answering %d request(s) 503",
+            self.limits.drain_timeout_s,
+            len(self.pending),
+        )
         for job in list(self.pending):
             self.abandoned += 1
             self._finish(job, error=Busy(503, "the server shut down before this request was translated"))

@@ -284,13 +284,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, *options: str, python: tuple[str, ...] = (), log: Path | None = None) -> subprocess.Popen:
+def start_server(
+    port: int, *options: str, python: tuple[str, ...] = (), log: Path | None = None
+) -> subprocess.Popen:
     """`mt serve OPTIONS` on loopback in a subprocess, once /health answers. Its stderr goes to
     `log` when given (a long run's access log would fill a pipe nobody reads), else to a pipe."""
     err = log.open("w") if log is not None else subprocess.PIPE
     proc = subprocess.Popen(
         [sys.executable, *python, "-m", "mt", "serve", "--port", str(port), "--device", "cpu", *options],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, stdout=subprocess.DEVNULL, stderr=err,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
     )
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -310,7 +316,9 @@ def start_server(port: int, *options: str, python: tuple[str, ...] = (), log: Pa
 def post(port: int, path: str, body: object, timeout: float = 60) -> tuple[int, dict]:
     """(status, JSON body) of a POST on loopback."""
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:

@@ -525,17 +525,46 @@ def test_compute_type_chooses_ctranslate2s_arithmetic_and_says_what_a_device_lac
     assert main(["translate", "--model", str(model), "--input", str(src), "--compute-type", "int8"]) == 0
     supported = sorted(ctranslate2.get_supported_compute_types("cpu"))
     cases = [
-        (["translate", "--model", str(model), "--input", str(src), "--compute-type", "fp8"],
-         "--compute-type fp8: expected one of default, auto, int8,"),
-        (["evaluate", "--checkpoint", str(ck), "--src", str(src), "--ref", str(src), "--compute-type", "int8"],
-         "--compute-type goes with --model"),
-        (["translate", "--checkpoint", str(ck), "--input", str(src), "--compute-type", "int8"],
-         "--compute-type goes with --model"),
+        (
+            ["translate", "--model", str(model), "--input", str(src), "--compute-type", "fp8"],
+            "--compute-type fp8: expected one of default, auto, int8,",
+        ),
+        (
+            [
+                "evaluate",
+                "--checkpoint",
+                str(ck),
+                "--src",
+                str(src),
+                "--ref",
+                str(src),
+                "--compute-type",
+                "int8",
+            ],
+            "--compute-type goes with --model",
+        ),
+        (
+            ["translate", "--checkpoint", str(ck), "--input", str(src), "--compute-type", "int8"],
+            "--compute-type goes with --model",
+        ),
     ]
     if "float16" not in supported:  # most CPUs: CTranslate2 has no float16 kernels for them
-        cases.append((["translate", "--model", str(model), "--input", str(src), "--device", "cpu",
-                       "--compute-type", "float16"],
-                      f"--compute-type float16: not supported on cpu here (supported: {', '.join(supported)}"))
+        cases.append(
+            (
+                [
+                    "translate",
+                    "--model",
+                    str(model),
+                    "--input",
+                    str(src),
+                    "--device",
+                    "cpu",
+                    "--compute-type",
+                    "float16",
+                ],
+                f"--compute-type float16: not supported on cpu here (supported: {', '.join(supported)}",
+            )
+        )
     for args, message in cases:
         capsys.readouterr()
         assert main(args) == 2, args
@@ -547,10 +576,28 @@ def test_evaluate_scores_a_model_as_it_scores_its_checkpoint(checkpoint_of, tmp_
     model = export("ctranslate2", ck, tmp_path / "ct2", "--quantization", "int8")
     src = write_lines(tmp_path / "test.de", SOURCES)
     ref = write_lines(tmp_path / "test.en", [s.upper() for s in SOURCES])
-    assert main(["evaluate", "--checkpoint", str(ck), "--src", str(src), "--ref", str(ref), "--beam", "1"]) == 0
+    assert (
+        main(["evaluate", "--checkpoint", str(ck), "--src", str(src), "--ref", str(ref), "--beam", "1"]) == 0
+    )
     assert main(["evaluate", "--model", str(model), "--src", str(src), "--ref", str(ref), "--beam", "1"]) == 0
-    assert main(["evaluate", "--model", str(model), "--src", str(src), "--ref", str(ref), "--beam", "1",
-                 "--compute-type", "float32"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--src",
+                str(src),
+                "--ref",
+                str(ref),
+                "--beam",
+                "1",
+                "--compute-type",
+                "float32",
+            ]
+        )
+        == 0
+    )
     scores = json.loads((tmp_path / "ct2.test.beam1.ct2-int8.json").read_text())
     assert scores["beam"] == 1 and scores["precision"] == "ct2-int8" and scores["sentences"] == len(SOURCES)
     assert (tmp_path / "ct2.test.beam1.ct2-int8.hyp.txt").read_text().count("\n") == len(SOURCES)
@@ -558,7 +605,10 @@ def test_evaluate_scores_a_model_as_it_scores_its_checkpoint(checkpoint_of, tmp_
     ours = json.loads(ck.with_name(f"{ck.stem}.test.beam1.json").read_text())
     assert fp32["bleu"] == ours["bleu"] and fp32["chrf"] == ours["chrf"]  # greedy: the same lines
     capsys.readouterr()
-    assert main(["evaluate", "--model", str(model), "--src", str(src), "--ref", str(ref), "--precision", "bf16"]) == 2
+    assert (
+        main(["evaluate", "--model", str(model), "--src", str(src), "--ref", str(ref), "--precision", "bf16"])
+        == 2
+    )
     assert "--precision goes with --checkpoint" in error_line(capsys.readouterr().err, "evaluate")
 
 

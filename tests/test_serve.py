@@ -5,12 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -112,7 +108,7 @@ def test_health_schema_and_an_offline_page(client):
 def test_attention_gives_one_layer_and_head_or_their_mean_in_compact_numbers(client, translator):
     from mt.alignment import translate_and_attend
 
-    (text, attn), = translate_and_attend(translator, [SRC[0]], 2)
+    ((text, attn),) = translate_and_attend(translator, [SRC[0]], 2)
     for layer, head in (("mean", "mean"), (0, 1), (0, "mean")):
         r = client.post("/attention", json={"text": SRC[0], "beam": 2, "layer": layer, "head": head})
         assert r.status_code == 200, r.text
@@ -124,8 +120,14 @@ def test_attention_gives_one_layer_and_head_or_their_mean_in_compact_numbers(cli
         full = attn.weights
         want = full.mean(0) if layer == "mean" else full[layer]
         want = want.mean(0) if head == "mean" else want[head]
-        assert max(abs(a - b) for ra, rb in zip(w, want.tolist(), strict=True)
-                   for a, b in zip(ra, rb, strict=True)) <= 5e-4  # 3 decimals
+        assert (
+            max(
+                abs(a - b)
+                for ra, rb in zip(w, want.tolist(), strict=True)
+                for a, b in zip(ra, rb, strict=True)
+            )
+            <= 5e-4
+        )  # 3 decimals
         assert all(abs(sum(row) - 1) < 1e-2 for row in w)
         assert all(len(repr(x).split(".")[-1]) <= 3 for row in w for x in row)  # compact numbers
         assert [j for _, j in body["alignment"]] == list(range(len(body["alignment"])))
@@ -168,8 +170,11 @@ def test_every_error_is_json_of_one_shape(client):
 
 
 def test_a_lone_surrogate_is_a_422_naming_its_line(client):
-    r = client.post("/translate", content=b'{"text": ["ein hund", "x \\ud800"]}',
-                    headers={"Content-Type": "application/json"})
+    r = client.post(
+        "/translate",
+        content=b'{"text": ["ein hund", "x \\ud800"]}',
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 422, r.text
     assert "line 2 is not valid Unicode (U+D800 at character 3" in r.json()["error"]
 
@@ -177,7 +182,9 @@ def test_a_lone_surrogate_is_a_422_naming_its_line(client):
 def test_a_request_costlier_than_the_queue_is_413_and_a_full_queue_429(translator):
     with TestClient(create_app(translator, ServeLimits(max_queued_cost=40))) as small:
         r = small.post("/translate", json={"text": "ein " * 30, "beam": 2})
-        assert r.status_code == 413 and "units of work (source tokens x beam); at most 40" in r.json()["error"]
+        assert (
+            r.status_code == 413 and "units of work (source tokens x beam); at most 40" in r.json()["error"]
+        )
         assert small.post("/translate", json={"text": "ein hund", "beam": 2}).status_code == 200
 
 
@@ -188,7 +195,10 @@ class Engine:
     def __init__(self, translator: Translator) -> None:
         self.inner = LocalEngine(translator)
         self.config, self.tokenizer, self.device, self.attention = (
-            translator.config, translator.tokenizer, "cpu", True
+            translator.config,
+            translator.tokenizer,
+            "cpu",
+            True,
         )
         self.go = threading.Event()
         self.go.set()
@@ -222,7 +232,10 @@ def test_one_bad_line_fails_only_its_own_request_with_a_json_500_and_a_logged_id
     async def run() -> list:
         app = create_app(engine, ServeLimits(batch_window_ms=50))
         transport = httpx.ASGITransport(app=app)
-        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t") as c,
+        ):
             asks = [c.post("/translate", json={"text": [line], "beam": 1}) for line in SRC[:6]]
             asks.insert(3, c.post("/translate", json={"text": ["ein BAD hund"], "beam": 1}))
             asks.insert(5, c.post("/translate", json={"text": ["ein MT hund"], "beam": 1}))
@@ -423,8 +436,11 @@ def test_serving_a_model_never_imports_torch(checkpoint, tmp_path):
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=60)
     assert server.returncode == 0, err[-3000:]
-    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in err.splitlines()
-                if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in err.splitlines()
+        if line.startswith("import time:")
+    }
     assert "ctranslate2" in imported and "fastapi" in imported and "torch" not in imported
 
 
@@ -435,7 +451,9 @@ def test_sigterm_finishes_in_time_or_answers_503_and_exits_non_zero(checkpoint):
     with ThreadPoolExecutor(4) as pool:
         asks = [pool.submit(post, port, "/translate", heavy) for _ in range(4)]
         deadline = time.time() + 30
-        while json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health").read())["queued_lines"] < 256:
+        while (
+            json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health").read())["queued_lines"] < 256
+        ):
             assert time.time() < deadline
             time.sleep(0.02)
         server.send_signal(signal.SIGTERM)
@@ -445,7 +463,8 @@ def test_sigterm_finishes_in_time_or_answers_503_and_exits_non_zero(checkpoint):
     assert all("shut down before this request was translated" in body["error"] for _, body in answers)
     assert server.returncode == 2
     assert error_line(err.split("Finished server process")[-1], "serve").endswith(
-        "4 request(s) were still pending at the drain deadline (0.2 s, --drain-timeout-s) and were answered 503"
+        "4 request(s) were still pending at the drain deadline (0.2 s, --drain-timeout-s) "
+        "and were answered 503"
     )
 
 

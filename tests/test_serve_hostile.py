@@ -22,8 +22,14 @@ from helpers import free_port, post, read_answer, start_server, synthetic_pairs
 
 SRC, _ = synthetic_pairs(8, seed=5)
 LIMITS = {  # the server's, small enough to reach quickly
-    "--max-lines": "8", "--max-chars": "200", "--max-attention-tokens": "24", "--max-queued-lines": "32",
-    "--header-timeout-s": "1", "--body-timeout-s": "1", "--limit-concurrency": "48", "--max-body-bytes": "1000000",
+    "--max-lines": "8",
+    "--max-chars": "200",
+    "--max-attention-tokens": "24",
+    "--max-queued-lines": "32",
+    "--header-timeout-s": "1",
+    "--body-timeout-s": "1",
+    "--limit-concurrency": "48",
+    "--max-body-bytes": "1000000",
 }
 RSS_BOUND = 300 * 2**20  # the server's own process (the decoder process is apart): about 100 MB idle
 HEAVY = {"text": ["ein hund läuft im park mit einem ball " * 5] * 8, "beam": 16}
@@ -101,7 +107,9 @@ def attacked(server: Server) -> Iterator[None]:
 
 def request_head(path: str, length: int | None, extra: str = "") -> bytes:
     size = f"Content-Length: {length}\r\n" if length is not None else ""
-    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{size}{extra}\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{size}{extra}\r\n"
+    ).encode()
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read(server):
@@ -112,8 +120,10 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(server):
             s.sendall(request_head("/translate", 10**10) + b'{"text": ')
             status, body = read_answer(s)
             assert time.perf_counter() - t0 < 1
-        assert status == 413 and body == {"error": "body: 10000000000 bytes (Content-Length); at most 1000000",
-                                          "status": 413}
+        assert status == 413 and body == {
+            "error": "body: 10000000000 bytes (Content-Length); at most 1000000",
+            "status": 413,
+        }
         with server.connect() as s:  # no Content-Length: refused once 1 MB has streamed in
             s.sendall(request_head("/translate", None, "Transfer-Encoding: chunked\r\n"))
             chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
@@ -161,7 +171,9 @@ def test_slow_header_clients_are_cut_off_while_others_are_served(server):
         finally:
             for s in socks:
                 s.close()
-    assert all(a == (408, {"error": "request headers not received within 1 s", "status": 408}) for a in answers)
+    assert all(
+        a == (408, {"error": "request headers not received within 1 s", "status": 408}) for a in answers
+    )
 
 
 def test_connections_past_the_limit_get_a_503_in_json(server):
@@ -175,7 +187,9 @@ def test_connections_past_the_limit_get_a_503_in_json(server):
             for s in socks:
                 s.close()
     assert len(refused) >= 60 + 1 - 48  # the health watcher holds one connection
-    assert all(status == 503 and "too many connections (at most 48)" in body["error"] for status, body in refused)
+    assert all(
+        status == 503 and "too many connections (at most 48)" in body["error"] for status, body in refused
+    )
 
 
 def test_clients_that_hang_up_have_their_work_dropped(server):
@@ -198,7 +212,9 @@ def test_clients_that_hang_up_have_their_work_dropped(server):
 
 def test_a_burst_is_answered_or_told_to_retry_never_a_500(server):
     with attacked(server), ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(lambda i: post(server.port, "/translate", {"text": SRC, "beam": 2}), range(96)))
+        answers = list(
+            pool.map(lambda i: post(server.port, "/translate", {"text": SRC, "beam": 2}), range(96))
+        )
     statuses = {status for status, _ in answers}
     assert statuses <= {200, 429} and 429 in statuses, statuses
     assert all("too much work queued" in b["error"] for s, b in answers if s == 429)
@@ -222,9 +238,17 @@ def test_a_bad_line_among_good_ones_fails_only_its_own_request(server):
 
 @pytest.mark.parametrize(
     "raw",
-    [b'{"text": "x", "beam": NaN}', b'{"text": "x", "beam": "5"}', b'{"text": "x", "beam": true}',
-     b'{"text": "x", "nbest": 1e400}', b'{"text": "x", "extra": 1}', b'{"text": {"a": 1}}',
-     b'{"text": "x", "beam": 99999999999999999999}', b"\xff\xfe", b"[" * 100_000],
+    [
+        b'{"text": "x", "beam": NaN}',
+        b'{"text": "x", "beam": "5"}',
+        b'{"text": "x", "beam": true}',
+        b'{"text": "x", "nbest": 1e400}',
+        b'{"text": "x", "extra": 1}',
+        b'{"text": {"a": 1}}',
+        b'{"text": "x", "beam": 99999999999999999999}',
+        b"\xff\xfe",
+        b"[" * 100_000,
+    ],
 )
 def test_nan_and_mistyped_values_are_4xx_json(server, raw):
     with attacked(server), server.connect() as s:

@@ -46,11 +46,15 @@ def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
     if args.config is None and not files:
         raise MTError("give an experiment CONFIG, or --checkpoint CK with --src FILE and --ref FILE")
     if args.config is None and args.checkpoint is None and args.model is None:
-        raise MTError("--src/--ref need --checkpoint CK or --model DIR (or a CONFIG, to take its best checkpoint)")
+        raise MTError(
+            "--src/--ref need --checkpoint CK or --model DIR (or a CONFIG, to take its best checkpoint)"
+        )
     if args.model and args.precision:
         raise MTError("--precision goes with --checkpoint; an export runs with --compute-type")
     if args.checkpoint and args.compute_type:
-        raise MTError("--compute-type goes with --model (a CTranslate2 export); use --precision for a checkpoint")
+        raise MTError(
+            "--compute-type goes with --model (a CTranslate2 export); use --precision for a checkpoint"
+        )
     if args.src == STDIO and args.ref == STDIO:
         raise MTError("--src and --ref cannot both be standard input (-): name a file for one of them")
 
@@ -85,13 +89,29 @@ def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
     decode = cfg.decode if cfg is not None and not files else None
     if args.model is not None:
         result = evaluate_export(
-            ck_path, src, ref, args.beam, args.max_tokens, args.device, name,
-            decode=decode, compute_type=args.compute_type, progress=True,
+            ck_path,
+            src,
+            ref,
+            args.beam,
+            args.max_tokens,
+            args.device,
+            name,
+            decode=decode,
+            compute_type=args.compute_type,
+            progress=True,
         )
     else:
         result = evaluate_checkpoint(
-            ck_path, src, ref, args.beam, args.max_tokens, args.device, name,
-            decode=decode, precision=args.precision, progress=True,
+            ck_path,
+            src,
+            ref,
+            args.beam,
+            args.max_tokens,
+            args.device,
+            name,
+            decode=decode,
+            precision=args.precision,
+            progress=True,
         )
     print(report(result))
     return result

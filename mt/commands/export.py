@@ -1,8 +1,9 @@
 """The `mt export` command: a checkpoint as a CTranslate2 or Hugging Face Transformers model.
 
-    mt export ctranslate2 --checkpoint CK --output DIR [--quantization int8|int8_float32|int8_float16|int8_bfloat16|float16|bfloat16]
-                           [--length-penalty fairseq]
-    mt export hf --checkpoint CK --output DIR
+    mt export ctranslate2 --checkpoint CK --output DIR [--quantization Q] [--length-penalty fairseq]
+    mt export hf --checkpoint CK --output DIR [--length-penalty fairseq]
+
+Q: int8, int8_float32, int8_float16, int8_bfloat16, float16 or bfloat16.
 
 What each writes, and why it computes exactly what the checkpoint computes: mt/export/. The
 export extra's packages are checked first, so a missing one is a line naming the install

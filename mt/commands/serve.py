@@ -20,8 +20,11 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
 
     for f in dataclasses.fields(ServeLimits):
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-            metavar="S" if f.name.endswith("_s") else "N", help=f"(default: {f.default})",
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            metavar="S" if f.name.endswith("_s") else "N",
+            help=f"(default: {f.default})",
         )
 
 
@@ -44,7 +47,9 @@ def serve_cli(args: argparse.Namespace) -> None:
     if args.model and args.precision:
         raise MTError("--precision goes with --checkpoint; an export has the precision it was exported with")
     if args.checkpoint and args.compute_type:
-        raise MTError("--compute-type goes with --model (a CTranslate2 export); use --precision for a checkpoint")
+        raise MTError(
+            "--compute-type goes with --model (a CTranslate2 export); use --precision for a checkpoint"
+        )
     if args.model and args.decoder != "process":
         raise MTError("--decoder goes with --checkpoint; an export decodes in CTranslate2's own threads")
     engine: object
@@ -60,7 +65,9 @@ def serve_cli(args: argparse.Namespace) -> None:
         from mt.device import pick_device
         from mt.translator import Translator
 
-        engine = LocalEngine(Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision))
+        engine = LocalEngine(
+            Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision)
+        )
     else:
         from mt.decoder_process import ProcessEngine
 

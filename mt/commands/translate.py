@@ -129,7 +129,9 @@ def translate_cli(args: argparse.Namespace) -> None:
             "with (mt export ctranslate2 --quantization)"
         )
     if args.checkpoint and args.compute_type:
-        raise MTError("--compute-type goes with --model (a CTranslate2 export); use --precision for a checkpoint")
+        raise MTError(
+            "--compute-type goes with --model (a CTranslate2 export); use --precision for a checkpoint"
+        )
     if args.alignment and args.nbest > 1:
         raise MTError("--alignment goes with one translation per line: drop --nbest")
     if args.alignment and args.model:

@@ -218,7 +218,10 @@ def _readme(
 
 
 def export_ctranslate2(
-    checkpoint: str | Path, output: str | Path, quantization: str | None = None, length_penalty: str | None = None
+    checkpoint: str | Path,
+    output: str | Path,
+    quantization: str | None = None,
+    length_penalty: str | None = None,
 ) -> Path:
     """Write the CTranslate2 export of `checkpoint` to the directory `output` (see mt.export).
     `length_penalty` "fairseq" replaces a GNMT penalty, which CTranslate2 lacks (see

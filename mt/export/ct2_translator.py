@@ -44,8 +44,16 @@ if TYPE_CHECKING:  # an optional dependency (the export extra), imported when a 
 # CTranslate2's compute types: "default" keeps the export's weight type, "auto" takes the
 # fastest the device supports; the others convert the weights when the model loads.
 COMPUTE_TYPES = (
-    "default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
-    "bfloat16", "float32",
+    "default",
+    "auto",
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
 )
 Output = tuple[list[int], float]  # target ids (no BOS/EOS) and CTranslate2's score
 
@@ -133,7 +141,10 @@ class CT2Translator:
                 )
         try:
             model = ctranslate2.Translator(
-                str(directory), device=kind, device_index=index, compute_type=compute_type or "default",
+                str(directory),
+                device=kind,
+                device_index=index,
+                compute_type=compute_type or "default",
                 **threads,
             )
         except (RuntimeError, ValueError) as e:  # a model.bin that is missing, truncated or foreign

@@ -251,10 +251,11 @@ print(tokenizer.batch_decode(out, skip_special_tokens=True))
 ```
 
 `truncation=True` cuts inputs to the model's {max_positions} positions (mt cuts them too); without
-it a longer input fails with an IndexError. With Transformers 4, `pipeline("translation", model=model_dir)` works too (Transformers 5
-removed that pipeline). `generation_config.json` holds mt's decoding settings (beam {beam},
-length penalty {alpha}; PAD and BOS never produced); mt also limits each translation to
-{a} * (source tokens + EOS) + {b} tokens, which `generate()` cannot do per sentence.
+it a longer input fails with an IndexError. With Transformers 4,
+`pipeline("translation", model=model_dir)` works too (Transformers 5 removed that pipeline).
+`generation_config.json` holds mt's decoding settings (beam {beam}, length penalty {alpha}; PAD
+and BOS never produced); mt also limits each translation to {a} * (source tokens + EOS) + {b}
+tokens, which `generate()` cannot do per sentence.
 
 The model is `{arch}`, which computes exactly the exported model (its dimensions are stored in
 another order, so that its built-in sinusoidal positions are ours); the tokenizer is
