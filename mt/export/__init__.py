@@ -1,7 +1,7 @@
 """Exporting a trained model to the engines users deploy with, computing exactly our function.
 
-    mt export ctranslate2 --checkpoint CK --output DIR [--quantization int8|int8_float32|float16|bfloat16]
-    mt export hf --checkpoint CK --output DIR
+    mt export ctranslate2 --checkpoint CK --output DIR [--quantization Q] [--length-penalty fairseq]
+    mt export hf --checkpoint CK --output DIR [--length-penalty fairseq]
 
 `ct2.py` builds a CTranslate2 model through ctranslate2's own converter API; `hf.py` a Hugging
 Face Transformers model (Marian for post-norm models, Pegasus for pre-norm ones); and

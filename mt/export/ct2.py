@@ -21,7 +21,8 @@ writes it. How our model maps onto the spec (mt/model.py):
 
 Our layer norms' epsilon goes into the config. Everything our ModelConfig can describe maps;
 what cannot (an activation CTranslate2 lacks, weights beyond float16's range for
-`--quantization float16`) is an ExportError naming it.
+`--quantization float16` or `int8_float16`, GNMT's length penalty: mt.export.decode_for_export)
+is an ExportError naming it.
 """
 
 from __future__ import annotations

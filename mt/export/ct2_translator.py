@@ -8,11 +8,13 @@ warning) and its errors. It never imports torch: the export runs on CTranslate2 
 Decoding follows the export's decode settings (the checkpoint's), as CTranslate2 can express
 them: PAD and BOS are suppressed and `min_len` holds as in mt.search; beam scores are
 normalised by len**alpha with EOS counted, as decode.length_penalty "fairseq" (GNMT's penalty
-has no CTranslate2 equivalent: beam search with it is an error). Lengths: CTranslate2 takes one
-maximum per batch, so each batch gets its longest sentence's limit and every output is cut to
-its own sentence's (mt.lines.max_output_length). For greedy search that gives mt's output token
-for token (greedy outputs are prefixes of longer runs); beam search differs where CTranslate2
-stops (as soon as `beam` hypotheses have ended) before an unfinished hypothesis would have won.
+has no CTranslate2 equivalent: `mt export` refuses it, and beam search with an export that
+holds it is an error). `compute_type` is CTranslate2's (e.g. float16 for a float32 export on a
+GPU). Lengths: CTranslate2 takes one maximum per batch, so each batch gets its longest
+sentence's limit and every output is cut to its own sentence's (mt.lines.max_output_length).
+For greedy search that gives mt's output token for token (greedy outputs are prefixes of longer
+runs); beam search differs where CTranslate2 stops (as soon as `beam` hypotheses have ended)
+before an unfinished hypothesis would have won.
 
 Batches are cut as Translator cuts them (mt.lines) and, on a CPU, decoded side by side by
 CTranslate2's `inter_threads` workers, one batch each, on `intra_threads` threads: W workers
