@@ -9,8 +9,9 @@ See mt/serve.py for what each endpoint does, the limits and the batching. Here:
   request cancelled, so its work is dropped before it is decoded. Anything unexpected becomes
   a JSON 500 whose id is logged with the traceback.
 * `guarded_protocol`: uvicorn's h11 protocol that answers a JSON 503 to connections past
-  `limit_concurrency`, and closes a connection whose request headers have not arrived
-  `header_timeout_s` after it opened (or after its previous answer).
+  `limit_concurrency`, closes a connection whose request headers have not arrived
+  `header_timeout_s` after it opened (or after its previous answer) with a JSON 408, and
+  answers a malformed request (or headers over h11's 16 KB) with a JSON 400.
 * Bodies are parsed strictly: JSON without NaN or Infinity, values of exactly the declared
   types (no "5" for 5, no true for 1), no unknown keys.
 
@@ -272,6 +273,11 @@ def guarded_protocol(limits: ServeLimits) -> type:
                 transport.close()
                 return
             self._arm(None)
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's is plain text: a malformed request, or headers over h11's 16 KB.
+            self.transport.write(raw(400, f"not a valid HTTP request ({msg.rstrip('.')})"))
+            self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

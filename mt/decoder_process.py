@@ -10,11 +10,14 @@ The server's process never imports torch: the child sends back the checkpoint's 
 SentencePiece models when it is ready, which is all the server needs (defaults, costs, limits).
 An error while decoding comes back as MTError (the user's to fix: a 4xx) or as
 DecoderFailure with the child's traceback (a 500 whose id is logged with it). `abort` stops
-the child (the drain deadline): the call in flight ends with Busy 503.
+the child (the drain deadline): the call in flight ends with Busy 503. A child that dies
+otherwise (killed for memory, a crash in native code) fails the call in flight (a 500, which
+the batcher then retries request by request) and is started again for the next call.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import signal
 import sys
@@ -29,6 +32,8 @@ from mt.config import from_dict, to_dict
 from mt.errors import MTError
 from mt.serve import Busy, DecoderFailure, attention_body
 from mt.tokenizer import Tokenizer
+
+log = logging.getLogger("mt.serve")
 
 
 def _child(conn: Connection, checkpoint: str, device: str | None, precision: str | None) -> None:
@@ -83,20 +88,23 @@ class ProcessEngine:
     attention = True
 
     def __init__(self, checkpoint: str | Path, device: str | None, precision: str | None) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(
-            target=_child, args=(child, str(checkpoint), device, precision), name="mt-decoder", daemon=True
-        )
-        self.process.start()
-        child.close()
+        self._args = (str(checkpoint), device, precision)
         self._lock = threading.Lock()
         self._aborted = False
-        reply = self._receive()
-        config, name, src, tgt, self.device = reply
+        self.restarts = 0
+        config, name, src, tgt, self.device = self._spawn()
         self.config = from_dict(config)
         self.config.name = name
         self.tokenizer = Tokenizer(src, tgt)
+
+    def _spawn(self) -> tuple:
+        """Start the child; its "ready" message."""
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_child, args=(child, *self._args), name="mt-decoder", daemon=True)
+        self.process.start()
+        child.close()
+        return self._receive()
 
     def _receive(self) -> tuple:
         try:
@@ -114,6 +122,13 @@ class ProcessEngine:
 
     def _call(self, kind: str, *args: Any) -> Any:
         with self._lock:
+            if not self.process.is_alive() and not self._aborted:
+                # It died (killed for memory, a crash in a native library): the call that was
+                # in flight failed with a 500; the server goes on with a new one.
+                log.error("the decoder process ended (exit code %s); starting another", self.process.exitcode)
+                self._conn.close()
+                self.restarts += 1
+                self._spawn()
             try:
                 self._conn.send((kind, args))
             except OSError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -489,3 +490,28 @@ def test_a_model_that_cannot_honour_its_beam_search_is_refused_when_it_loads(che
     assert main(["serve", "--model", str(export), "--port", str(free_port())]) == 2
     line = error_line(capsys.readouterr().err, "serve")
     assert "decode.length_penalty 'gnmt' has no CTranslate2 equivalent" in line and "--max-beam 1" in line
+
+
+def test_the_decoder_process_answers_as_the_checkpoint_and_is_replaced_when_it_dies(checkpoint, translator):
+    from mt.decoder_process import ProcessEngine
+
+    engine = ProcessEngine(checkpoint, "cpu", None)
+    try:
+        assert engine.config.name == translator.config.name and engine.device == "cpu"
+        got, want = (
+            engine.translate_nbest(SRC[:3], 2, 2),
+            translator.translate_nbest(SRC[:3], beam=2, nbest=2),
+        )
+        assert [[t for t, _ in hs] for hs in got] == [[t for t, _ in hs] for hs in want]
+        assert [s for hs in got for _, s in hs] == pytest.approx([s for hs in want for _, s in hs], abs=1e-5)
+        os.kill(engine.process.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+        engine.process.join(10)
+        assert [hs[0][0] for hs in engine.translate_nbest(SRC[:3], 1, 1)] == translator.translate(
+            SRC[:3], beam=1
+        )
+        assert engine.restarts == 1
+        with pytest.raises(MTError, match="nothing to translate"):
+            engine.attention_body("   ", 1, None, None)  # an MTError in the child is one here
+    finally:
+        engine.close()
+    assert not engine.process.is_alive()

@@ -176,6 +176,17 @@ def test_slow_header_clients_are_cut_off_while_others_are_served(server):
     )
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 40_000],  # headers never end
+)
+def test_a_malformed_request_or_huge_headers_are_a_400_in_json(server, raw):
+    with attacked(server), server.connect() as s:
+        s.sendall(raw)
+        status, body = read_answer(s)
+    assert status == 400 and body["error"].startswith("not a valid HTTP request (")
+
+
 def test_connections_past_the_limit_get_a_503_in_json(server):
     with attacked(server):
         socks = [server.connect() for _ in range(60)]
