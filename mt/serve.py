@@ -14,7 +14,9 @@ An ASGI app (FastAPI, served by uvicorn):
                      -> {"translations": [[{"text", "score"}, ...], ...]}   (nbest > 1)
     POST /attention  {"text": "...", "beam": 5, "layer": "mean" | L, "head": "mean" | H}
                      -> the translation, its subword pieces, the cross-attention weights of the
-                     chosen layer and head (or their mean), and the word alignment
+                     chosen layer and head (or their mean; 3 decimals), and the word alignment:
+                     at most max_attention_tokens source pieces, and as many target pieces as
+                     decode.max_len_a/b allow for them (a few hundred KB of JSON at most)
     GET  /health     {"status": "ok", ...};   GET /openapi.json;   GET / the page (no external assets)
 
 Decoding runs outside the event loop's GIL: a checkpoint in a decoder process of its own, a

@@ -187,6 +187,32 @@ def test_a_request_costlier_than_the_queue_is_413_and_a_full_queue_429(translato
             r.status_code == 413 and "units of work (source tokens x beam); at most 40" in r.json()["error"]
         )
         assert small.post("/translate", json={"text": "ein hund", "beam": 2}).status_code == 200
+        r = small.post("/attention", json={"text": "ein " * 30, "beam": 2})  # /attention is counted too
+        assert r.status_code == 413 and "units of work" in r.json()["error"]
+    engine = Engine(translator)
+
+    async def run() -> None:
+        batcher = Batcher(engine, ServeLimits(max_queued_cost=40, batch_window_ms=1))
+        batcher.start()
+        engine.go.clear()
+        held = asyncio.ensure_future(batcher.translate(["ein hund"], 2, 1))  # decoding, held
+        await asyncio.sleep(0.05)
+        # The longest line that fits alone, which does not fit beside the first.
+        words = max(n for n in range(1, 40) if batcher.cost(["ein " * n], 2) <= 40)
+        assert batcher.queued_cost + batcher.cost(["ein " * words], 2) > 40
+        for ask in (
+            batcher.translate(["ein " * words], 2, 1),
+            batcher.attention("ein " * words, 2, None, None),
+        ):
+            with pytest.raises(Busy, match=r"too much work queued \(\d+ units\)") as full:
+                await ask
+            assert full.value.status == 429
+        engine.go.set()
+        await held
+        assert await batcher.translate(["ein " * words], 2, 1)  # room again
+        await batcher.stop()
+
+    asyncio.run(run())
 
 
 class Engine:
