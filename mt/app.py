@@ -448,6 +448,10 @@ def serve(engine: Engine | Any, host: str, port: int, limits: ServeLimits | None
 
     limits = limits or ServeLimits()
     app = create_app(engine, limits)
+    if not log.handlers:  # errors with their ids, in the style of uvicorn's own lines
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:    mt serve: %(message)s"))
+        log.addHandler(handler)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
