@@ -64,20 +64,33 @@ log = logging.getLogger("mt.serve")
 class ServeLimits:
     """What one server accepts; every default in one place (the CLI options mirror these)."""
 
-    max_lines: int = 64  # lines per request
-    max_chars: int = 2000  # characters per line
-    max_attention_tokens: int = 256  # source tokens of an /attention request
-    max_body_bytes: int = 1_000_000  # a request body, checked while it is read
-    max_queued_lines: int = 1024  # lines waiting to be translated, over all requests
-    max_queued_cost: int = 400_000  # (source tokens + 1) x beam waiting, over all requests
-    max_beam: int = 16
-    batch_window_ms: float = 5.0  # how long a lone request waits for company
-    max_batch_lines: int = 256  # lines per decoding call
-    request_timeout_s: float = 120.0  # a request not answered by then gets a 504
-    limit_concurrency: int = 256  # open connections; more get a 503 at once
-    header_timeout_s: float = 10.0  # to send a request's headers
-    body_timeout_s: float = 30.0  # to send a request's body
-    drain_timeout_s: float = 30.0  # on SIGTERM: to finish what is queued, then 503s
+    # Each field's `help` is its --option's (mt/commands/serve.py).
+    max_lines: int = field(default=64, metadata={"help": "lines per request (413)"})
+    max_chars: int = field(default=2000, metadata={"help": "characters per line (413)"})
+    max_attention_tokens: int = field(
+        default=256, metadata={"help": "source tokens of an /attention request (413)"}
+    )
+    max_body_bytes: int = field(
+        default=1_000_000, metadata={"help": "a request's body, checked while read (413)"}
+    )
+    max_queued_lines: int = field(default=1024, metadata={"help": "lines waiting, over all requests (429)"})
+    max_queued_cost: int = field(
+        default=400_000,
+        metadata={"help": "work waiting: (source tokens + 1) x beam, over all requests (429)"},
+    )
+    max_beam: int = field(default=16, metadata={"help": "the largest beam a request may ask for (422)"})
+    batch_window_ms: float = field(
+        default=5.0, metadata={"help": "how long a lone request waits for company"}
+    )
+    max_batch_lines: int = field(default=256, metadata={"help": "lines per decoding call"})
+    request_timeout_s: float = field(default=120.0, metadata={"help": "to answer a request (504)"})
+    limit_concurrency: int = field(default=256, metadata={"help": "open connections; more get a 503 at once"})
+    header_timeout_s: float = field(default=10.0, metadata={"help": "for a client to send its headers (408)"})
+    body_timeout_s: float = field(default=30.0, metadata={"help": "for a client to send its body (408)"})
+    drain_timeout_s: float = field(
+        default=30.0,
+        metadata={"help": "on Ctrl-C or SIGTERM, to finish what is pending; the rest gets a 503"},
+    )
 
 
 class RequestError(Exception):

@@ -24,7 +24,7 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
             type=type(f.default),
             default=f.default,
             metavar="S" if f.name.endswith("_s") else "N",
-            help=f"(default: {f.default})",
+            help=f"{f.metadata['help']} (default: {f.default})",
         )
 
 
