@@ -7,7 +7,8 @@ See mt/serve.py for what each endpoint does, the limits and the batching. Here:
   before parsing (at once from Content-Length, else as soon as the bytes read pass it), and
   408 past `body_timeout_s`. It then watches the connection: a client that hangs up has its
   request cancelled, so its work is dropped before it is decoded. Anything unexpected becomes
-  a JSON 500 whose id is logged with the traceback.
+  a JSON 500 whose id is logged with the traceback. An answer the client does not read within
+  `body_timeout_s` is abandoned (uvicorn then closes the connection).
 * `guarded_protocol`: uvicorn's h11 protocol that answers a JSON 503 to connections past
   `limit_concurrency`, closes a connection whose request headers have not arrived
   `header_timeout_s` after it opened (or after its previous answer) with a JSON 408, and
@@ -145,6 +146,10 @@ async def send_json(send: Callable, status: int, body: dict[str, Any], close: bo
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
+class SlowReader(Exception):
+    """The client did not take its answer within body_timeout_s."""
+
+
 class Guard:
     """Bounded bodies, dropped hang-ups and JSON 500s (see the module docstring)."""
 
@@ -173,7 +178,10 @@ class Guard:
         async def tracked(message: dict[str, Any]) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
-            await send(message)
+            try:  # a client that does not read its answer would hold its connection forever
+                await asyncio.wait_for(send(message), self.limits.body_timeout_s)
+            except TimeoutError:
+                raise SlowReader from None
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -195,7 +203,13 @@ class Guard:
             raise
         finally:
             watcher.cancel()
-        if error is not None:
+        if isinstance(error, SlowReader):  # uvicorn closes a connection left mid-answer
+            log.warning(
+                "a client did not read its answer to %s within %g s",
+                scope["path"],
+                self.limits.body_timeout_s,
+            )
+        elif error is not None:
             await self._unexpected(scope, error, tracked if not started else None)
 
     async def _read_body(self, scope: dict, receive: Callable, send: Callable) -> bytes | None:

@@ -541,3 +541,28 @@ def test_the_decoder_process_answers_as_the_checkpoint_and_is_replaced_when_it_d
     finally:
         engine.close()
     assert not engine.process.is_alive()
+
+
+def test_a_client_that_does_not_read_its_answer_is_let_go_after_the_body_timeout(caplog):
+    from mt.app import Guard
+
+    async def app(scope, receive, send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 10**6})
+
+    async def receive() -> dict:
+        await asyncio.sleep(0)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def never_drains(message: dict) -> None:  # the client's window stays shut
+        if message["type"] == "http.response.body":
+            await asyncio.Event().wait()
+
+    scope = {"type": "http", "method": "GET", "path": "/big", "headers": []}
+    guard = Guard(app, ServeLimits(body_timeout_s=0.2))
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="mt.serve"):
+        asyncio.run(asyncio.wait_for(guard(scope, receive, never_drains), 5))
+    assert time.perf_counter() - t0 < 2
+    assert "a client did not read its answer to /big within 0.2 s" in caplog.text
