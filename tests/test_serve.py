@@ -474,23 +474,25 @@ def test_serving_a_model_never_imports_torch(checkpoint, tmp_path):
 def test_sigterm_finishes_in_time_or_answers_503_and_exits_non_zero(checkpoint):
     port = free_port()
     server = start_server(port, "--checkpoint", str(checkpoint), "--drain-timeout-s", "0.2")
+    # 6 requests of 64 over-long lines at beam 16: seconds of work for the tiny model.
     heavy = {"text": ["ein hund läuft im park mit einem ball " * 40] * 64, "beam": 16}
-    with ThreadPoolExecutor(4) as pool:
-        asks = [pool.submit(post, port, "/translate", heavy) for _ in range(4)]
+    with ThreadPoolExecutor(6) as pool:
+        asks = [pool.submit(post, port, "/translate", heavy) for _ in range(6)]
         deadline = time.time() + 30
         while (
-            json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health").read())["queued_lines"] < 256
+            json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health").read())["queued_lines"] < 384
         ):
             assert time.time() < deadline
             time.sleep(0.02)
         server.send_signal(signal.SIGTERM)
         answers = [a.result() for a in asks]
     _, err = server.communicate(timeout=60)
-    assert {status for status, _ in answers} == {503}, answers
-    assert all("shut down before this request was translated" in body["error"] for _, body in answers)
+    dropped = [body for status, body in answers if status == 503]
+    assert len(dropped) >= 4 and {status for status, _ in answers} <= {200, 503}, answers
+    assert all(body["error"] == "the server shut down before this request was translated" for body in dropped)
     assert server.returncode == 2
     assert error_line(err.split("Finished server process")[-1], "serve").endswith(
-        "4 request(s) were still pending at the drain deadline (0.2 s, --drain-timeout-s) "
+        f"{len(dropped)} request(s) were still pending at the drain deadline (0.2 s, --drain-timeout-s) "
         "and were answered 503"
     )
 
