@@ -20,12 +20,11 @@ one or none. An existing DIR is replaced only when it is an export of ours.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -80,7 +79,7 @@ def decode_for_export(decode: DecodeConfig, length_penalty: str | None, engine: 
     so a GNMT checkpoint is refused unless `length_penalty` "fairseq" says to export with
     fairseq's instead (recorded in the manifest, so every tool then uses it)."""
     if decode.length_penalty == "fairseq" or length_penalty == "fairseq":
-        return dataclasses.replace(decode, length_penalty="fairseq")
+        return replace(decode, length_penalty="fairseq")
     raise ExportError(
         f"decode.length_penalty {decode.length_penalty!r} has no {engine} equivalent (its beam search "
         f"divides by len**alpha); pass --length-penalty fairseq to export with that penalty instead"
