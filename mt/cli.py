@@ -20,6 +20,11 @@ from types import FrameType
 from mt.config import Precision
 from mt.errors import MTError
 
+COMPUTE_TYPE_HELP = (
+    "with --model: CTranslate2's compute type (default: the export's weight type; auto: the fastest "
+    "the device supports; int8, int8_float32, int8_float16, int8_bfloat16, int16, float16, bfloat16, "
+    "float32), e.g. float16 for a float32 export on a GPU"
+)
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.lr=5e-4 model.layers=4"
 PRECISIONS = typing.get_args(Precision)
 PRECISION_HELP = (
@@ -131,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tokens", type=int, help="source tokens per batch (default: decode.max_tokens)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     r.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
+    r.add_argument("--compute-type", metavar="TYPE", help=COMPUTE_TYPE_HELP)
     r.add_argument(
         "--errors",
         choices=["strict", "replace"],
@@ -149,12 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="translate a test set and score it with sacreBLEU (BLEU, chrF)",
         description="Either `mt evaluate CONFIG [--split test]` (the experiment's best checkpoint on a "
-        "prepared split) or `mt evaluate --checkpoint CK --src FILE --ref FILE`. Writes hypotheses and "
-        "a JSON of the scores next to the checkpoint.",
+        "prepared split) or `mt evaluate --checkpoint CK --src FILE --ref FILE`; --model DIR scores a "
+        "CTranslate2 export instead. Writes hypotheses and a JSON of the scores next to the checkpoint "
+        "(or the export directory).",
     )
     e.add_argument("config", nargs="?", help="experiment YAML file")
     e.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
-    e.add_argument("--checkpoint", help="checkpoint (default: <out_dir>/checkpoint_best.pt)")
+    scored = e.add_mutually_exclusive_group()
+    scored.add_argument("--checkpoint", help="checkpoint (default: <out_dir>/checkpoint_best.pt)")
+    scored.add_argument(
+        "--model", metavar="DIR", help="a CTranslate2 export (mt export ctranslate2), scored with CTranslate2"
+    )
     e.add_argument("--split", default="test", help="prepared split to score (default: test)")
     e.add_argument("--src", help="source text file; - reads stdin")
     e.add_argument("--ref", help="reference text file; - reads stdin (not both)")
@@ -162,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, help="source tokens per batch")
     e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     e.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
+    e.add_argument("--compute-type", metavar="TYPE", help=COMPUTE_TYPE_HELP)
     e.set_defaults(func=_cmd_evaluate)
 
     m = sub.add_parser(
@@ -232,15 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
         f.set_defaults(func=_cmd_export)
     c.add_argument(
         "--quantization",
-        choices=["int8", "int8_float32", "float16", "bfloat16"],
-        help="weight type (default: float32, as trained); int8 is the fastest on a CPU",
+        choices=["int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16"],
+        help="weight type (default: float32, as trained); int8 is the fastest on a CPU, int8_float16 "
+        "and int8_bfloat16 on a GPU (int8 matrix products, 16-bit float elsewhere)",
     )
+    for f in (c, h):
+        f.add_argument(
+            "--length-penalty",
+            choices=["fairseq"],
+            help="a checkpoint whose decode.length_penalty is gnmt cannot be exported as it is (neither "
+            "engine has GNMT's penalty): export it with fairseq's len**alpha instead",
+        )
 
     v = sub.add_parser(
         "serve",
         help="serve a checkpoint over HTTP, with a page that shows what the model attends to",
         description="POST /translate, POST /attention, GET /health, GET / (the page). Concurrent requests "
-        "are translated together; limits answer with JSON errors (413, 422, 429, 503).",
+        "are translated together; errors are JSON (400, 408, 413, 422, 429, 503, 504). Put a reverse "
+        "proxy in front of any bind other than loopback.",
     )
     model = v.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="checkpoint file (.pt)")
@@ -251,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     v.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     v.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
+    v.add_argument("--compute-type", metavar="TYPE", help=COMPUTE_TYPE_HELP)
+    v.add_argument(
+        "--decoder",
+        choices=["process", "thread"],
+        default="process",
+        help="with --checkpoint: decode in a process of its own (default; batches grow with the load) "
+        "or in a thread of the server's process (the event loop then shares its GIL)",
+    )
     from mt.commands.serve import add_limit_options
 
     add_limit_options(v)

@@ -26,13 +26,16 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
 from mt.config import DecodeConfig, Precision
 from mt.errors import DataError
 from mt.files import write_atomic
+
+if TYPE_CHECKING:
+    from mt.lines import TextTranslator
 
 
 def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
@@ -83,20 +86,74 @@ def evaluate_checkpoint(
     only, not loading) and sentences_per_second.
     """
     from mt.device import pick_device
-    from mt.translator import Translator, translate_lines
+    from mt.translator import Translator
 
-    if len(src_lines) != len(ref_lines):
-        raise DataError(f"{name}: {len(src_lines)} source lines but {len(ref_lines)} references")
-    if not src_lines:
-        raise DataError(f"{name}: nothing to evaluate (no sentences)")
+    _check_lines(src_lines, ref_lines, name)
     if precision is None and decode is not None:
         precision = decode.precision
     translator = Translator.from_checkpoint(ck_path, pick_device(device), precision)
     if decode is not None:
         translator.config.decode = dataclasses.replace(decode, precision=translator.config.decode.precision)
-    beam = beam or translator.config.decode.beam
     precision = translator.config.decode.precision
+    return _evaluate(
+        translator, ck_path, src_lines, ref_lines, beam, max_tokens, name, precision, write, progress
+    )
 
+
+def evaluate_export(
+    model_dir: str | Path,
+    src_lines: Sequence[str],
+    ref_lines: Sequence[str],
+    beam: int | None = None,
+    max_tokens: int | None = None,
+    device: str | None = None,
+    name: str = "eval",
+    *,
+    decode: DecodeConfig | None = None,
+    compute_type: str | None = None,
+    write: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """`evaluate_checkpoint` for a CTranslate2 export (`mt evaluate --model DIR`), translated by
+    CTranslate2 with `compute_type` (default: the export's weight type), which takes the place of
+    the precision in the result and the file names (next to DIR: `DIR.<name>.beam<N>.<type>.json`)."""
+    from mt.export import read_manifest
+    from mt.export.ct2_translator import CT2Translator
+
+    _check_lines(src_lines, ref_lines, name)
+    translator = CT2Translator.from_export(model_dir, device, compute_type=compute_type)
+    if decode is not None:
+        translator.config.decode = dataclasses.replace(decode, precision=translator.config.decode.precision)
+    if compute_type in (None, "default"):
+        compute_type = read_manifest(model_dir).quantization or "float32"
+    label = f"ct2-{compute_type}"
+    return _evaluate(
+        translator, Path(model_dir), src_lines, ref_lines, beam, max_tokens, name, label, write, progress
+    )
+
+
+def _check_lines(src_lines: Sequence[str], ref_lines: Sequence[str], name: str) -> None:
+    if len(src_lines) != len(ref_lines):
+        raise DataError(f"{name}: {len(src_lines)} source lines but {len(ref_lines)} references")
+    if not src_lines:
+        raise DataError(f"{name}: nothing to evaluate (no sentences)")
+
+
+def _evaluate(
+    translator: TextTranslator,
+    ck_path: Path | str,
+    src_lines: Sequence[str],
+    ref_lines: Sequence[str],
+    beam: int | None,
+    max_tokens: int | None,
+    name: str,
+    precision: str,
+    write: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    from mt.lines import translate_lines
+
+    beam = beam or translator.config.decode.beam  # type: ignore[attr-defined]
     t0 = time.perf_counter()
     hyps = translate_lines(translator, src_lines, beam, 1, max_tokens, progress=progress)
     seconds = time.perf_counter() - t0

@@ -10,11 +10,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -268,6 +273,67 @@ def run_mt(args: list[str], cwd: Path, env: dict[str, str], fault: str | None = 
     """`python -m mt ARGS`, or the same through the fault driver with FAULT (see fault_driver.py)."""
     cmd = [sys.executable, str(DRIVER), fault, *args] if fault else [sys.executable, "-m", "mt", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- mt serve on loopback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    port: int, *options: str, python: tuple[str, ...] = (), log: Path | None = None
+) -> subprocess.Popen:
+    """`mt serve OPTIONS` on loopback in a subprocess, once /health answers. Its stderr goes to
+    `log` when given (a long run's access log would fill a pipe nobody reads), else to a pipe."""
+    err = log.open("w") if log is not None else subprocess.PIPE
+    proc = subprocess.Popen(
+        [sys.executable, *python, "-m", "mt", "serve", "--port", str(port), "--device", "cpu", *options],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            text = log.read_text() if log is not None else proc.communicate()[1]
+            raise AssertionError(f"mt serve exited {proc.returncode}: {text[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("mt serve did not answer /health within 90 s")
+
+
+def post(port: int, path: str, body: object, timeout: float = 60) -> tuple[int, dict]:
+    """(status, JSON body) of a POST on loopback."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict]:
+    """(status, JSON body) of the answer on `sock`, read until the server closes it."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
 
 
 # --------------------------------------------------------------------------- copies of hub repositories

@@ -241,7 +241,7 @@ def test_quantized_exports_are_smaller_and_hold_the_checkpoints_weights(peaked, 
     reference = mt_greedy(ours, seqs)
     expected = mt_log_probs(ours, seqs, reference)
     sources = [pad_sources([s], torch.device("cpu")) for s in seqs]
-    for quantization in ("int8", "int8_float32", "float16", "bfloat16"):
+    for quantization in ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16"):
         out = export("ctranslate2", ck, tmp_path / quantization, "--quantization", quantization)
         assert read_manifest(out).quantization == quantization
         assert (out / "model.bin").stat().st_size < (full / "model.bin").stat().st_size
@@ -537,16 +537,144 @@ def test_translate_with_a_model_gives_the_checkpoints_errors(checkpoint_of, tmp_
         main(["translate", "--model", str(model), "--checkpoint", str(ck)])
 
 
-def test_beam_search_with_gnmts_length_penalty_is_refused_with_a_model(tmp_path, capsys):
+def test_gnmts_length_penalty_is_refused_at_export_or_replaced_on_request_with_a_note(tmp_path, capsys):
     cfg = tiny_config()
     cfg.decode.length_penalty = "gnmt"
-    model = export("ctranslate2", build_checkpoint(tmp_path / "gnmt.pt", cfg), tmp_path / "ct2")
+    ck = build_checkpoint(tmp_path / "gnmt.pt", cfg)
+    for fmt in ("ctranslate2", "hf"):
+        out = tmp_path / fmt
+        assert main(["export", fmt, "--checkpoint", str(ck), "--output", str(out)]) == 2
+        line = error_line(capsys.readouterr().err, "export")
+        assert "decode.length_penalty 'gnmt' has no" in line and "--length-penalty fairseq" in line
+        assert not out.exists()
+        export(fmt, ck, out, "--length-penalty", "fairseq")
+        assert read_manifest(out).config.decode.length_penalty == "fairseq"
+        assert "this export uses fairseq's len**alpha instead" in (out / "README.md").read_text()
+    hf_config = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert hf_config["length_penalty"] == cfg.decode.alpha
     src = write_lines(tmp_path / "in.txt", SOURCES[:2])
+    model = tmp_path / "ctranslate2"
+    assert main(["translate", "--model", str(model), "--input", str(src), "--beam", "2"]) == 0
+    # An export made before the refusal still holds the GNMT penalty: beam search is refused.
+    manifest = json.loads((model / MANIFEST).read_text())
+    manifest["config"]["decode"]["length_penalty"] = "gnmt"
+    (model / MANIFEST).write_text(json.dumps(manifest))
+    capsys.readouterr()
     assert main(["translate", "--model", str(model), "--input", str(src), "--beam", "2"]) == 2
     assert "decode.length_penalty 'gnmt' has no CTranslate2 equivalent" in error_line(
         capsys.readouterr().err, "translate"
     )
     assert main(["translate", "--model", str(model), "--input", str(src), "--beam", "1"]) == 0
+
+
+def test_int8_float16_and_int8_bfloat16_exports_load_and_translate_on_a_cpu(checkpoint_of, tmp_path):
+    ck = checkpoint_of()
+    full = export("ctranslate2", ck, tmp_path / "fp32")
+    for quantization in ("int8_float16", "int8_bfloat16"):
+        out = export("ctranslate2", ck, tmp_path / quantization, "--quantization", quantization)
+        assert read_manifest(out).quantization == quantization
+        assert (out / "model.bin").stat().st_size < (full / "model.bin").stat().st_size
+        ct2 = CT2Translator.from_export(out, "cpu")
+        assert ct2.model.compute_type == "int8_float32"  # what a CPU runs them in
+        assert all(t.strip() for t in ct2.translate(SOURCES[:3], beam=1))
+
+
+def test_compute_type_chooses_ctranslate2s_arithmetic_and_says_what_a_device_lacks(
+    checkpoint_of, tmp_path, capsys
+):
+    ck = checkpoint_of()
+    model = export("ctranslate2", ck, tmp_path / "ct2")  # float32 weights
+    assert CT2Translator.from_export(model, "cpu").model.compute_type == "float32"
+    assert CT2Translator.from_export(model, "cpu", compute_type="int8").model.compute_type == "int8_float32"
+    src = write_lines(tmp_path / "in.txt", SOURCES[:2])
+    assert main(["translate", "--model", str(model), "--input", str(src), "--compute-type", "int8"]) == 0
+    supported = sorted(ctranslate2.get_supported_compute_types("cpu"))
+    cases = [
+        (
+            ["translate", "--model", str(model), "--input", str(src), "--compute-type", "fp8"],
+            "--compute-type fp8: expected one of default, auto, int8,",
+        ),
+        (
+            [
+                "evaluate",
+                "--checkpoint",
+                str(ck),
+                "--src",
+                str(src),
+                "--ref",
+                str(src),
+                "--compute-type",
+                "int8",
+            ],
+            "--compute-type goes with --model",
+        ),
+        (
+            ["translate", "--checkpoint", str(ck), "--input", str(src), "--compute-type", "int8"],
+            "--compute-type goes with --model",
+        ),
+    ]
+    if "float16" not in supported:  # most CPUs: CTranslate2 has no float16 kernels for them
+        cases.append(
+            (
+                [
+                    "translate",
+                    "--model",
+                    str(model),
+                    "--input",
+                    str(src),
+                    "--device",
+                    "cpu",
+                    "--compute-type",
+                    "float16",
+                ],
+                f"--compute-type float16: not supported on cpu here (supported: {', '.join(supported)}",
+            )
+        )
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        assert message in error_line(capsys.readouterr().err, args[0]), args
+
+
+def test_evaluate_scores_a_model_as_it_scores_its_checkpoint(checkpoint_of, tmp_path, capsys):
+    ck = checkpoint_of()
+    model = export("ctranslate2", ck, tmp_path / "ct2", "--quantization", "int8")
+    src = write_lines(tmp_path / "test.de", SOURCES)
+    ref = write_lines(tmp_path / "test.en", [s.upper() for s in SOURCES])
+    assert (
+        main(["evaluate", "--checkpoint", str(ck), "--src", str(src), "--ref", str(ref), "--beam", "1"]) == 0
+    )
+    assert main(["evaluate", "--model", str(model), "--src", str(src), "--ref", str(ref), "--beam", "1"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--src",
+                str(src),
+                "--ref",
+                str(ref),
+                "--beam",
+                "1",
+                "--compute-type",
+                "float32",
+            ]
+        )
+        == 0
+    )
+    scores = json.loads((tmp_path / "ct2.test.beam1.ct2-int8.json").read_text())
+    assert scores["beam"] == 1 and scores["precision"] == "ct2-int8" and scores["sentences"] == len(SOURCES)
+    assert (tmp_path / "ct2.test.beam1.ct2-int8.hyp.txt").read_text().count("\n") == len(SOURCES)
+    fp32 = json.loads((tmp_path / "ct2.test.beam1.ct2-float32.json").read_text())
+    ours = json.loads(ck.with_name(f"{ck.stem}.test.beam1.json").read_text())
+    assert fp32["bleu"] == ours["bleu"] and fp32["chrf"] == ours["chrf"]  # greedy: the same lines
+    capsys.readouterr()
+    assert (
+        main(["evaluate", "--model", str(model), "--src", str(src), "--ref", str(ref), "--precision", "bf16"])
+        == 2
+    )
+    assert "--precision goes with --checkpoint" in error_line(capsys.readouterr().err, "evaluate")
 
 
 def test_a_missing_export_extra_is_one_line_naming_the_install_command(
@@ -672,6 +800,14 @@ def test_transformers_export_translates_text_as_mt_translate_does(checkpoint_of,
     assert texts == [t.strip() for t in ours.translate(SOURCES, beam=1)]  # MarianTokenizer strips
     config = json.loads((out / "generation_config.json").read_text())
     assert config["suppress_tokens"] == [PAD, BOS] and config["decoder_start_token_id"] == BOS
+    # The README's example cuts inputs to the model's positions, as mt does: a long line translates.
+    example = readme_example((out / "README.md").read_text())
+    assert "truncation=True" in example
+    tokenizer, hf = hf_load(out)
+    long = " ".join(["hund"] * 3 * ours.model.cfg.max_positions)
+    batch = tokenizer([long], return_tensors="pt", padding=True, truncation=True)
+    assert batch["input_ids"].shape[1] == ours.model.cfg.max_positions
+    assert hf.generate(**batch, num_beams=1, max_new_tokens=5).shape[0] == 1
     assert {
         "model.safetensors",
         "tokenizer_config.json",

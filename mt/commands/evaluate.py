@@ -1,4 +1,5 @@
-"""The `mt evaluate` command: score a checkpoint on a prepared split or on a pair of files.
+"""The `mt evaluate` command: score a checkpoint (or, with --model, a CTranslate2 export) on a
+prepared split or on a pair of files.
 
 See mt.evaluate for what is computed and written.
 """
@@ -11,7 +12,7 @@ from typing import Any
 
 from mt.commands.translate import check_options
 from mt.errors import CheckpointError, DataError, MTError
-from mt.evaluate import evaluate_checkpoint, report
+from mt.evaluate import evaluate_checkpoint, evaluate_export, report
 from mt.files import STDIO, read_lines
 
 
@@ -44,14 +45,24 @@ def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
         raise MTError("--src and --ref go together: give both files")
     if args.config is None and not files:
         raise MTError("give an experiment CONFIG, or --checkpoint CK with --src FILE and --ref FILE")
-    if args.config is None and args.checkpoint is None:
-        raise MTError("--src/--ref need --checkpoint CK (or a CONFIG, to take its best checkpoint)")
+    if args.config is None and args.checkpoint is None and args.model is None:
+        raise MTError(
+            "--src/--ref need --checkpoint CK or --model DIR (or a CONFIG, to take its best checkpoint)"
+        )
+    if args.model and args.precision:
+        raise MTError("--precision goes with --checkpoint; an export runs with --compute-type")
+    if args.checkpoint and args.compute_type:
+        raise MTError(
+            "--compute-type goes with --model (a CTranslate2 export); use --precision for a checkpoint"
+        )
     if args.src == STDIO and args.ref == STDIO:
         raise MTError("--src and --ref cannot both be standard input (-): name a file for one of them")
 
     check_options(args.beam, args.max_tokens)
     cfg = load_config(args.config, args.overrides) if args.config is not None else None
-    if args.checkpoint is not None:
+    if args.model is not None:
+        ck_path = Path(args.model)
+    elif args.checkpoint is not None:
         ck_path = Path(args.checkpoint)
     else:
         assert cfg is not None
@@ -75,17 +86,32 @@ def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
         src, ref = _prepared_split(args.config, cfg, args.split)
         name = args.split
 
-    result = evaluate_checkpoint(
-        ck_path,
-        src,
-        ref,
-        args.beam,
-        args.max_tokens,
-        args.device,
-        name,
-        decode=cfg.decode if cfg is not None and not files else None,
-        precision=args.precision,
-        progress=True,
-    )
+    decode = cfg.decode if cfg is not None and not files else None
+    if args.model is not None:
+        result = evaluate_export(
+            ck_path,
+            src,
+            ref,
+            args.beam,
+            args.max_tokens,
+            args.device,
+            name,
+            decode=decode,
+            compute_type=args.compute_type,
+            progress=True,
+        )
+    else:
+        result = evaluate_checkpoint(
+            ck_path,
+            src,
+            ref,
+            args.beam,
+            args.max_tokens,
+            args.device,
+            name,
+            decode=decode,
+            precision=args.precision,
+            progress=True,
+        )
     print(report(result))
     return result

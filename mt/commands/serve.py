@@ -1,4 +1,9 @@
-"""The `mt serve` command: load a checkpoint, then serve it over HTTP (see mt.serve)."""
+"""The `mt serve` command: load a checkpoint or an export, then serve it over HTTP (see mt.serve).
+
+A checkpoint decodes in a decoder process of its own (mt.decoder_process; `--decoder thread`
+keeps it in the server's process, as before, for comparison); a CTranslate2 export decodes in
+a thread of the server's process, and the server never imports torch.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,11 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
 
     for f in dataclasses.fields(ServeLimits):
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, metavar="N",
-            help=f"(default: {f.default})",
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            metavar="S" if f.name.endswith("_s") else "N",
+            help=f"{f.metadata['help']} (default: {f.default})",
         )
 
 
@@ -28,15 +36,46 @@ def serve_cli(args: argparse.Namespace) -> None:
             f"mt serve needs the `serve` extra ({', '.join(missing)} missing): pip install -e '.[serve]'"
         )
     from mt.app import serve
-    from mt.commands.translate import load_translator
-    from mt.serve import ServeLimits
+    from mt.serve import LocalEngine, ServeLimits
 
+    if not 0 <= args.port <= 65535:
+        raise MTError(f"--port {args.port}: a port is a number from 0 to 65535")
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
     for f in dataclasses.fields(ServeLimits):
-        if getattr(limits, f.name) <= 0:
+        if not getattr(limits, f.name) > 0:  # `not >` also catches NaN
             raise MTError(f"--{f.name.replace('_', '-')} must be > 0, got {getattr(limits, f.name)}")
     if args.model and args.precision:
         raise MTError("--precision goes with --checkpoint; an export has the precision it was exported with")
-    translator = load_translator(args)
-    print(f"mt serve: {args.checkpoint or args.model}; http://{args.host}:{args.port}/")
-    serve(translator, args.host, args.port, limits)
+    if args.checkpoint and args.compute_type:
+        raise MTError(
+            "--compute-type goes with --model (a CTranslate2 export); use --precision for a checkpoint"
+        )
+    if args.model and args.decoder != "process":
+        raise MTError("--decoder goes with --checkpoint; an export decodes in CTranslate2's own threads")
+    engine: object
+    if args.model:
+        from mt.export.ct2_translator import CT2Translator
+
+        translator = CT2Translator.from_export(args.model, args.device, compute_type=args.compute_type)
+        if limits.max_beam > 1 and (problem := translator.beam_problem()) is not None:
+            # Refused now rather than in every request: the model cannot do what its config says.
+            raise MTError(f"{args.model}: {problem}; or serve it with --max-beam 1 (greedy only)")
+        engine = LocalEngine(translator)
+    elif args.decoder == "thread":
+        from mt.device import pick_device
+        from mt.translator import Translator
+
+        engine = LocalEngine(
+            Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision)
+        )
+    else:
+        from mt.decoder_process import ProcessEngine
+
+        engine = ProcessEngine(args.checkpoint, args.device, args.precision)
+    print(f"mt serve: {args.checkpoint or args.model}; http://{args.host}:{args.port}/", flush=True)
+    abandoned = serve(engine, args.host, args.port, limits)
+    if abandoned:
+        raise MTError(
+            f"{abandoned} request(s) were still pending at the drain deadline ({limits.drain_timeout_s:g} s, "
+            f"--drain-timeout-s) and were answered 503"
+        )

@@ -113,7 +113,7 @@ def load_translator(args: argparse.Namespace) -> TextTranslator:
     if args.model:
         from mt.export.ct2_translator import CT2Translator
 
-        return CT2Translator.from_export(args.model, args.device)
+        return CT2Translator.from_export(args.model, args.device, compute_type=args.compute_type)
     from mt.device import pick_device
     from mt.translator import Translator
 
@@ -127,6 +127,10 @@ def translate_cli(args: argparse.Namespace) -> None:
         raise MTError(
             "--precision goes with --checkpoint; an export runs in the precision it was exported "
             "with (mt export ctranslate2 --quantization)"
+        )
+    if args.checkpoint and args.compute_type:
+        raise MTError(
+            "--compute-type goes with --model (a CTranslate2 export); use --precision for a checkpoint"
         )
     if args.alignment and args.nbest > 1:
         raise MTError("--alignment goes with one translation per line: drop --nbest")

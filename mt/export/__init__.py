@@ -1,7 +1,7 @@
 """Exporting a trained model to the engines users deploy with, computing exactly our function.
 
-    mt export ctranslate2 --checkpoint CK --output DIR [--quantization int8|int8_float32|float16|bfloat16]
-    mt export hf --checkpoint CK --output DIR
+    mt export ctranslate2 --checkpoint CK --output DIR [--quantization Q] [--length-penalty fairseq]
+    mt export hf --checkpoint CK --output DIR [--length-penalty fairseq]
 
 `ct2.py` builds a CTranslate2 model through ctranslate2's own converter API; `hf.py` a Hugging
 Face Transformers model (Marian for post-norm models, Pegasus for pre-norm ones); and
@@ -28,12 +28,12 @@ import importlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from mt.config import Config, from_dict, to_dict
+from mt.config import Config, DecodeConfig, from_dict, to_dict
 from mt.errors import ConfigError, ExportError, MTError
 from mt.files import file_above, remove_stale, replace_dir, temp_path, write_atomic
 
@@ -70,6 +70,30 @@ def load_checkpoint_model(checkpoint: str | Path) -> Translator:
     from mt.translator import Translator
 
     return Translator.from_checkpoint(checkpoint, "cpu", "fp32")
+
+
+def penalty_note(decode: DecodeConfig, engine: str) -> str:
+    """What an export's README says when it replaced the checkpoint's GNMT penalty ('' if not)."""
+    if decode.length_penalty == "fairseq":
+        return ""
+    return (
+        f"\n**Length penalty.** The checkpoint's beam search uses GNMT's length penalty, which {engine} "
+        f"lacks; this export uses fairseq's len**alpha instead (`--length-penalty fairseq`), so beam "
+        f"search can choose other translations than the checkpoint does (greedy search is unaffected).\n"
+    )
+
+
+def decode_for_export(decode: DecodeConfig, length_penalty: str | None, engine: str) -> DecodeConfig:
+    """The decode settings an export records. CTranslate2 and Transformers divide beam scores by
+    len**alpha (fairseq's penalty); GNMT's ((5 + len) / 6)**alpha cannot be expressed in either,
+    so a GNMT checkpoint is refused unless `length_penalty` "fairseq" says to export with
+    fairseq's instead (recorded in the manifest, so every tool then uses it)."""
+    if decode.length_penalty == "fairseq" or length_penalty == "fairseq":
+        return replace(decode, length_penalty="fairseq")
+    raise ExportError(
+        f"decode.length_penalty {decode.length_penalty!r} has no {engine} equivalent (its beam search "
+        f"divides by len**alpha); pass --length-penalty fairseq to export with that penalty instead"
+    )
 
 
 # --------------------------------------------------------------------------- the manifest

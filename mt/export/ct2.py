@@ -21,7 +21,8 @@ writes it. How our model maps onto the spec (mt/model.py):
 
 Our layer norms' epsilon goes into the config. Everything our ModelConfig can describe maps;
 what cannot (an activation CTranslate2 lacks, weights beyond float16's range for
-`--quantization float16`) is an ExportError naming it.
+`--quantization float16` or `int8_float16`, GNMT's length penalty: mt.export.decode_for_export)
+is an ExportError naming it.
 """
 
 from __future__ import annotations
@@ -35,12 +36,19 @@ from torch import nn
 
 from mt.config import Config
 from mt.errors import ExportError
-from mt.export import Manifest, load_checkpoint_model, readme_text, write_export
+from mt.export import (
+    Manifest,
+    decode_for_export,
+    load_checkpoint_model,
+    penalty_note,
+    readme_text,
+    write_export,
+)
 from mt.model import Transformer
 from mt.special import BOS, EOS, PAD, UNK
 from mt.tokenizer import Tokenizer
 
-QUANTIZATIONS = ("int8", "int8_float32", "float16", "bfloat16")
+QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16")
 ACTIVATIONS = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU}
 FLOAT16_MAX = 65504.0
 
@@ -70,12 +78,12 @@ def check_expressible(model: Transformer, quantization: str | None) -> None:
             f"model.activation {cfg.activation!r} has no CTranslate2 equivalent here "
             f"(supported: {', '.join(ACTIVATIONS)})"
         )
-    if quantization == "float16":
+    if quantization in ("float16", "int8_float16"):  # int8_float16 keeps what is not int8 in float16
         for name, tensor in model.state_dict().items():
             peak = float(tensor.abs().max()) if tensor.is_floating_point() and tensor.numel() else 0.0
             if peak > FLOAT16_MAX:
                 raise ExportError(
-                    f"--quantization float16 cannot hold weight {name} (|value| up to {peak:.4g}, "
+                    f"--quantization {quantization} cannot hold weight {name} (|value| up to {peak:.4g}, "
                     f"float16 ends at {FLOAT16_MAX:g}); use bfloat16, int8 or no quantization"
                 )
 
@@ -210,13 +218,22 @@ def _readme(
     return readme_text(f"CTranslate2 model ({weights})", body, checkpoint, config)
 
 
-def export_ctranslate2(checkpoint: str | Path, output: str | Path, quantization: str | None = None) -> Path:
-    """Write the CTranslate2 export of `checkpoint` to the directory `output` (see mt.export)."""
+def export_ctranslate2(
+    checkpoint: str | Path,
+    output: str | Path,
+    quantization: str | None = None,
+    length_penalty: str | None = None,
+) -> Path:
+    """Write the CTranslate2 export of `checkpoint` to the directory `output` (see mt.export).
+    `length_penalty` "fairseq" replaces a GNMT penalty, which CTranslate2 lacks (see
+    mt.export.decode_for_export)."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ExportError(f"--quantization {quantization}: expected one of {', '.join(QUANTIZATIONS)}")
     translator = load_checkpoint_model(checkpoint)
+    note = penalty_note(translator.config.decode, "CTranslate2")
+    translator.config.decode = decode_for_export(translator.config.decode, length_penalty, "CTranslate2")
     return write_ctranslate2(
-        translator.model, translator.tokenizer, translator.config, output, quantization, str(checkpoint)
+        translator.model, translator.tokenizer, translator.config, output, quantization, str(checkpoint), note
     )
 
 
@@ -227,6 +244,7 @@ def write_ctranslate2(
     output: str | Path,
     quantization: str | None = None,
     source: str = "",
+    note: str = "",
 ) -> Path:
     """Write the CTranslate2 export of a loaded model (eval mode, fp32); `source` names where it
     came from, for the README and the manifest."""
@@ -240,7 +258,7 @@ def write_ctranslate2(
             raise ExportError(f"CTranslate2 refused the model from {source}: {first}") from None
         (tmp / "source.spm").write_bytes(tokenizer.src_proto)
         (tmp / "target.spm").write_bytes(tokenizer.tgt_proto)
-        readme = _readme(str(output), config, tokenizer, source, quantization)
+        readme = _readme(str(output), config, tokenizer, source, quantization) + note
         (tmp / "README.md").write_text(readme, encoding="utf-8")
         Manifest("ctranslate2", source, config, quantization).write(tmp)
 

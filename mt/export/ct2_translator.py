@@ -8,11 +8,13 @@ warning) and its errors. It never imports torch: the export runs on CTranslate2 
 Decoding follows the export's decode settings (the checkpoint's), as CTranslate2 can express
 them: PAD and BOS are suppressed and `min_len` holds as in mt.search; beam scores are
 normalised by len**alpha with EOS counted, as decode.length_penalty "fairseq" (GNMT's penalty
-has no CTranslate2 equivalent: beam search with it is an error). Lengths: CTranslate2 takes one
-maximum per batch, so each batch gets its longest sentence's limit and every output is cut to
-its own sentence's (mt.lines.max_output_length). For greedy search that gives mt's output token
-for token (greedy outputs are prefixes of longer runs); beam search differs where CTranslate2
-stops (as soon as `beam` hypotheses have ended) before an unfinished hypothesis would have won.
+has no CTranslate2 equivalent: `mt export` refuses it, and beam search with an export that
+holds it is an error). `compute_type` is CTranslate2's (e.g. float16 for a float32 export on a
+GPU). Lengths: CTranslate2 takes one maximum per batch, so each batch gets its longest
+sentence's limit and every output is cut to its own sentence's (mt.lines.max_output_length).
+For greedy search that gives mt's output token for token (greedy outputs are prefixes of longer
+runs); beam search differs where CTranslate2 stops (as soon as `beam` hypotheses have ended)
+before an unfinished hypothesis would have won.
 
 Batches are cut as Translator cuts them (mt.lines) and, on a CPU, decoded side by side by
 CTranslate2's `inter_threads` workers, one batch each, on `intra_threads` threads: W workers
@@ -41,6 +43,20 @@ from mt.tokenizer import Tokenizer
 if TYPE_CHECKING:  # an optional dependency (the export extra), imported when a model loads
     import ctranslate2
 
+# CTranslate2's compute types: "default" keeps the export's weight type, "auto" takes the
+# fastest the device supports; the others convert the weights when the model loads.
+COMPUTE_TYPES = (
+    "default",
+    "auto",
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
+)
 Output = tuple[list[int], float]  # target ids (no BOS/EOS) and CTranslate2's score
 
 
@@ -83,10 +99,15 @@ class CT2Translator:
 
     @classmethod
     def from_export(
-        cls, directory: str | Path, device: str | None = None, inter_threads: int | None = None
+        cls,
+        directory: str | Path,
+        device: str | None = None,
+        inter_threads: int | None = None,
+        compute_type: str | None = None,
     ) -> CT2Translator:
         """Load the CTranslate2 export in `directory` (see mt.export) on `device` (cpu, cuda, cuda:N;
-        default: CUDA when CTranslate2 has it). `inter_threads` overrides decode.inter_threads."""
+        default: CUDA when CTranslate2 has it). `inter_threads` overrides decode.inter_threads;
+        `compute_type` is CTranslate2's (default: the export's weight type; see COMPUTE_TYPES)."""
         manifest = read_manifest(directory)
         if manifest.engine != "ctranslate2":
             raise ExportError(
@@ -111,8 +132,23 @@ class CT2Translator:
             threads = {"inter_threads": workers, "intra_threads": max(1, cores // workers)}
         else:
             workers, threads = 1, {}
+        if compute_type is not None and compute_type not in ("default", "auto"):
+            if compute_type not in COMPUTE_TYPES:
+                raise MTError(f"--compute-type {compute_type}: expected one of {', '.join(COMPUTE_TYPES)}")
+            supported = sorted(ctranslate2.get_supported_compute_types(kind, index))
+            if compute_type not in supported:
+                raise MTError(
+                    f"--compute-type {compute_type}: not supported on {kind} here (supported: "
+                    f"{', '.join(supported)}, default, auto)"
+                )
         try:
-            model = ctranslate2.Translator(str(directory), device=kind, device_index=index, **threads)
+            model = ctranslate2.Translator(
+                str(directory),
+                device=kind,
+                device_index=index,
+                compute_type=compute_type or "default",
+                **threads,
+            )
         except (RuntimeError, ValueError) as e:  # a model.bin that is missing, truncated or foreign
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"{directory}: CTranslate2 cannot load this model ({first})") from None
@@ -120,14 +156,21 @@ class CT2Translator:
 
     # ------------------------------------------------------------------ token ids
 
+    def beam_problem(self) -> str | None:
+        """Why this export cannot run beam search as its config says, or None. Exports made
+        before `mt export` refused the GNMT penalty can hold one."""
+        penalty = self.config.decode.length_penalty
+        if penalty == "fairseq":
+            return None
+        return (
+            f"decode.length_penalty {penalty!r} has no CTranslate2 equivalent (its beam search divides "
+            f"by len**alpha, the 'fairseq' penalty): re-export with --length-penalty fairseq"
+        )
+
     def _options(self, beam: int, nbest: int) -> dict[str, object]:
         d = self.config.decode
-        if beam > 1 and d.length_penalty != "fairseq":
-            raise MTError(
-                f"decode.length_penalty {d.length_penalty!r} has no CTranslate2 equivalent (its beam "
-                f"search divides by len**alpha, the 'fairseq' penalty): translate with --beam 1, or "
-                f"with the checkpoint"
-            )
+        if beam > 1 and (problem := self.beam_problem()) is not None:
+            raise MTError(f"{problem}, translate with --beam 1, or with the checkpoint")
         return {
             "beam_size": beam,
             "num_hypotheses": nbest,

@@ -57,7 +57,14 @@ from transformers import (
 
 from mt.config import Config
 from mt.errors import ExportError
-from mt.export import Manifest, load_checkpoint_model, readme_text, write_export
+from mt.export import (
+    Manifest,
+    decode_for_export,
+    load_checkpoint_model,
+    penalty_note,
+    readme_text,
+    write_export,
+)
 from mt.model import Transformer
 from mt.special import BOS, EOS, PAD, UNK
 from mt.tokenizer import Tokenizer
@@ -223,7 +230,8 @@ def generation_config(config: Config) -> GenerationConfig:
         min_new_tokens=d.min_len,
         max_length=config.model.max_positions,
         num_beams=d.beam,
-        # Transformers' beam scores divide by len**alpha, fairseq's penalty; GNMT's has no equivalent.
+        # Transformers' beam scores divide by len**alpha, fairseq's penalty (decode_for_export
+        # refuses GNMT's, which has no equivalent).
         length_penalty=d.alpha,
         early_stopping=False,  # as mt.search: stop once no unfinished hypothesis can win
     )
@@ -240,15 +248,17 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 model_dir = "{directory}"
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
-batch = tokenizer(["Ein Hund rennt durch den Schnee."], return_tensors="pt", padding=True)
+batch = tokenizer(["Ein Hund rennt durch den Schnee."], return_tensors="pt", padding=True, truncation=True)
 out = model.generate(**batch, num_beams=1)  # greedy: mt's output token for token
 print(tokenizer.batch_decode(out, skip_special_tokens=True))
 ```
 
-With Transformers 4, `pipeline("translation", model=model_dir)` works too (Transformers 5
-removed that pipeline). `generation_config.json` holds mt's decoding settings (beam {beam},
-length penalty {alpha}; PAD and BOS never produced); mt also limits each translation to
-{a} * (source tokens + EOS) + {b} tokens, which `generate()` cannot do per sentence.
+`truncation=True` cuts inputs to the model's {max_positions} positions (mt cuts them too); without
+it a longer input fails with an IndexError. With Transformers 4,
+`pipeline("translation", model=model_dir)` works too (Transformers 5 removed that pipeline).
+`generation_config.json` holds mt's decoding settings (beam {beam}, length penalty {alpha}; PAD
+and BOS never produced); mt also limits each translation to {a} * (source tokens + EOS) + {b}
+tokens, which `generate()` cannot do per sentence.
 
 The model is `{arch}`, which computes exactly the exported model (its dimensions are stored in
 another order, so that its built-in sinusoidal positions are ours); the tokenizer is
@@ -292,9 +302,12 @@ def _io_reason(e: SafetensorError) -> str:
     return os.strerror(int(code.group(1))) if code else " ".join(str(e).split())
 
 
-def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write the Transformers export of `checkpoint` to the directory `output` (see mt.export)."""
+def export_hf(checkpoint: str | Path, output: str | Path, length_penalty: str | None = None) -> Path:
+    """Write the Transformers export of `checkpoint` to the directory `output` (see mt.export);
+    `length_penalty` as in mt.export.decode_for_export."""
     translator = load_checkpoint_model(checkpoint)
+    note = penalty_note(translator.config.decode, "Transformers")
+    translator.config.decode = decode_for_export(translator.config.decode, length_penalty, "Transformers")
     model, tokenizer, config = translator.model, translator.tokenizer, translator.config
     hf = to_transformers(model)
     hf.generation_config = generation_config(config)
@@ -308,10 +321,10 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
         d = config.decode
         body = README.format(
             directory=str(output), beam=d.beam, alpha=d.alpha, a=d.max_len_a, b=d.max_len_b,
-            arch=type(hf).__name__,
+            arch=type(hf).__name__, max_positions=config.model.max_positions,
         )
         title = f"Hugging Face Transformers model ({type(hf).__name__})"
-        (tmp / "README.md").write_text(readme_text(title, body, checkpoint, config), encoding="utf-8")
+        (tmp / "README.md").write_text(readme_text(title, body + note, checkpoint, config), encoding="utf-8")
         Manifest("transformers", str(checkpoint), config).write(tmp)
 
     return write_export(output, fill)
