@@ -1,23 +1,40 @@
-"""Training-throughput benchmark: our Transformer against a plain torch.nn.Transformer.
+"""Training-throughput benchmarks.
 
     python scripts/bench_train.py [CONFIG] [key=value ...] [--batches 30]
+    python scripts/bench_train.py [CONFIG] [key=value ...] --trainer [--warmup-updates 20]
 
-Both models have the dimensions of the config's model and train on the same
-batches of the prepared training split, interleaved batch by batch so that
-machine noise hits both alike. Prints target tokens per second and the ratio.
+Default: our Transformer against a plain torch.nn.Transformer. Both models have the
+dimensions of the config's model and train on the same batches of the prepared training
+split, interleaved batch by batch so that machine noise hits both alike. Prints target
+tokens per second and the ratio.
+
+--trainer: the real trainer against a bare training step, on any device (train.device):
+`Trainer.fit()` itself (prefetching, update, logging, the epoch ends' validation and
+checkpoints, whose time its tok_s leaves out) for a warm-up window and `--rounds` measured
+windows of as many updates, then a bare forward/backward/optimizer step of the same model
+and optimizer on the measured windows' batches, already on the device. The ratio is the
+trainer's overhead; a compiled model (train.compile) is compiled in the warm-up, whose
+time is printed apart. scripts/gpu_check.py runs the same measurement on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
+import json
 import math
+import statistics
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from mt.batching import TokenBatcher, make_batch
-from mt.config import ModelConfig, load_config
+from mt.config import Config, ModelConfig, load_config
 from mt.dataset import load_prepared
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
@@ -65,15 +82,105 @@ class Reference(nn.Module):
         return self.proj(h)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def trainer_against_bare(cfg: Config, warmup_updates: int = 0, rounds: int = 2) -> dict[str, Any]:
+    """The real trainer's steady-state throughput next to a bare step's on the same batches.
+
+    `cfg` is trained (in a temporary directory) for a warm-up window of `warmup_updates`
+    updates (0: one epoch, at most 50) and `rounds` windows of as many; its logged tok_s of
+    the measured windows (median) is the trainer's. Returns target tokens/s of both, the
+    update's mean target tokens, the warm-up's seconds (compilation included) and the batch
+    shapes of the warm-up and of the measured windows (a shape first seen after the warm-up
+    is compiled inside a measured window).
+    """
+    from mt.trainer import Trainer, label_smoothed_nll
+
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))
+        t = cfg.train
+        t.out_dir, t.valid_every, t.valid_bleu = str(Path(tmp) / "run"), 0, False
+        t.keep_last, t.patience, t.max_epochs, t.max_minutes = 0, 0, 0, 0.0
+        trainer = Trainer(cfg)
+        try:
+            per_epoch = -(-trainer.batcher.num_batches(0) // t.accum_steps)
+            window = warmup_updates or min(per_epoch, 50)
+            t.max_steps, t.log_every = window * (1 + rounds), window
+            updates = list(itertools.islice(trainer._updates(0, 0), window * (1 + rounds)))
+            batches = [trainer._collate_update(u) for u in updates]
+            shapes = [{tuple(b.src.shape) for u in part for b in u} for part in (batches[:window],
+                                                                                batches[window:])]
+            tokens = [sum(b.n_tgt_tokens for b in u) for u in batches]
+            trainer.fit()
+            rows = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+            rates = [r["tok_s"] for r in rows if r["kind"] == "train"]
+            bare = _bare_steps(trainer, batches[window:], label_smoothed_nll)
+        finally:
+            trainer.close()
+    return {
+        "trainer_tok_s": statistics.median(rates[1:]),
+        "bare_tok_s": sum(tokens[window:]) / bare,
+        "update_tokens": sum(tokens) / len(tokens),
+        "updates": window * rounds,
+        "warmup_s": sum(tokens[:window]) / rates[0],
+        "shapes": (len(shapes[0]), len(shapes[1] - shapes[0])),
+    }
+
+
+def _bare_steps(trainer: Any, updates: list[list[Any]], plain_loss: Any) -> float:
+    """Seconds of forward/backward/optimizer steps over `updates`, their batches already on the
+    device: the trainer's model, optimizer, autocast and loss, nothing else."""
+    device, smoothing = trainer.device, trainer.cfg.train.label_smoothing
+    loss_fn = trainer.compiled_loss or plain_loss
+    on_device = [[b.to(device) for b in u] for u in updates]
+
+    def step(batches: list[Any]) -> None:
+        n = float(sum(b.n_tgt_tokens for b in batches))
+        for b in batches:
+            with trainer._autocast():
+                loss, _ = loss_fn(trainer.model(b.src, b.tgt_in), b.tgt_out, smoothing)
+            (loss / n).backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    trainer.model.train()
+    for batches in on_device[:2]:  # the allocator's warm-up
+        step(batches)
+    _sync(device)
+    t0 = time.perf_counter()
+    for batches in on_device:
+        step(batches)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?", default="configs/multi30k_de_en.yaml")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--trainer", action="store_true", help="the real trainer against a bare step")
+    ap.add_argument("--warmup-updates", type=int, default=0, help="--trainer: 0 = one epoch, at most 50")
+    ap.add_argument("--rounds", type=int, default=2, help="--trainer: measured windows")
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
     prepare(cfg, quiet=True)
+    if args.trainer:
+        r = trainer_against_bare(cfg, args.warmup_updates, args.rounds)
+        print(
+            f"\nreal trainer against a bare step, {r['updates']} updates of {r['update_tokens']:.0f} target "
+            f"tokens, {torch.get_num_threads()} threads, train.compile={cfg.train.compile}"
+        )
+        print(f"  {'mt train (Trainer.fit)':<26}{r['trainer_tok_s']:>10.0f} target tokens/s")
+        print(f"  {'bare forward/backward/step':<26}{r['bare_tok_s']:>10.0f} target tokens/s")
+        print(f"  trainer / bare: {r['trainer_tok_s'] / r['bare_tok_s']:.3f} (target >= 0.95)")
+        print(f"  warm-up window {r['warmup_s']:.1f} s; batch shapes {r['shapes'][0]}, "
+              f"{r['shapes'][1]} new after the warm-up")
+        return
     data = load_prepared(cfg.prepared_dir)
     split = data.split("train")
     vocab = data.tokenizer.tgt_vocab_size
