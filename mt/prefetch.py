@@ -22,19 +22,27 @@ _END = object()
 class Prefetcher(Generic[T, U]):
     """Iterate `make(item)` for each item of `items`, computed up to `depth` items ahead.
 
+    threaded=False computes each when it is asked for, on the caller's thread: the same
+    items, for a CPU whose cores are all busy with the training itself (a thread of our own
+    would take one from torch's threads mid-operation and stall them all).
+
     An exception raised by `items` or `make` is raised again by `next()` in the consumer, at
     the item where it happened. `close()` stops the thread (it is a daemon thread as well, so
     that a process that ends without closing never waits for it).
     """
 
-    def __init__(self, items: Iterator[T], make: Callable[[T], U], depth: int = 2) -> None:
+    def __init__(
+        self, items: Iterator[T], make: Callable[[T], U], depth: int = 2, threaded: bool = True
+    ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self._items, self._make = items, make
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mt-prefetch", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="mt-prefetch", daemon=True)
+            self._thread.start()
 
     def _put(self, entry: object) -> bool:
         """Queue `entry`, waiting for room; False once close() was called."""
@@ -61,6 +69,9 @@ class Prefetcher(Generic[T, U]):
 
     def __next__(self) -> tuple[T, U]:
         """The next (item, make(item))."""
+        if self._thread is None:
+            item = next(self._items)
+            return item, self._make(item)
         entry = self._queue.get()
         if entry is _END:
             raise StopIteration
@@ -70,4 +81,5 @@ class Prefetcher(Generic[T, U]):
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -785,8 +785,11 @@ class Trainer:
             disable=not self.dist.is_main,
             dynamic_ncols=True,
         )
-        # The next updates' batches are collated (and pinned) while the device works.
-        batches = Prefetcher(self._updates(s.epoch, s.batch_pos), self._collate_update)
+        # On a GPU the next updates' batches are collated (and pinned) while the device works;
+        # a CPU computes on all its cores, so there they are collated in turn.
+        batches = Prefetcher(
+            self._updates(s.epoch, s.batch_pos), self._collate_update, threaded=self.device.type == "cuda"
+        )
         try:
             while (reason := self._stop_reason()) is None:
                 (_, epoch, pos), collated = next(batches)

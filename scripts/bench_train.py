@@ -87,24 +87,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def trainer_against_bare(cfg: Config, warmup_updates: int = 0, rounds: int = 2) -> dict[str, Any]:
+def trainer_against_bare(
+    cfg: Config, warmup_updates: int = 0, rounds: int = 2, out_dir: Path | None = None
+) -> dict[str, Any]:
     """The real trainer's steady-state throughput next to a bare step's on the same batches.
 
     `cfg` is trained (in a temporary directory) for a warm-up window of `warmup_updates`
     updates (0: one epoch, at most 50) and `rounds` windows of as many; its logged tok_s of
     the measured windows (median) is the trainer's. Returns target tokens/s of both, the
-    update's mean target tokens, the warm-up's seconds (compilation included) and the batch
-    shapes of the warm-up and of the measured windows (a shape first seen after the warm-up
-    is compiled inside a measured window).
+    update's mean target tokens, the warm-up's seconds (compilation included) and what of it
+    the steady state does not explain (compilation, mostly), and the batch shapes of the
+    warm-up and of the measured windows (a shape first seen after the warm-up is compiled
+    inside a measured window). Checkpoints are written only to `out_dir`, when given (their
+    time is left out of tok_s either way).
     """
     from mt.trainer import Trainer, label_smoothed_nll
 
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))
         t = cfg.train
-        t.out_dir, t.valid_every, t.valid_bleu = str(Path(tmp) / "run"), 0, False
+        t.out_dir, t.valid_every, t.valid_bleu = str(out_dir or Path(tmp) / "run"), 0, False
         t.keep_last, t.patience, t.max_epochs, t.max_minutes = 0, 0, 0, 0.0
         trainer = Trainer(cfg)
+        if out_dir is None:
+            trainer.save = lambda *args, **kwargs: None  # saves to a directory deleted after: skip them
         try:
             per_epoch = -(-trainer.batcher.num_batches(0) // t.accum_steps)
             window = warmup_updates or min(per_epoch, 50)
@@ -120,12 +126,14 @@ def trainer_against_bare(cfg: Config, warmup_updates: int = 0, rounds: int = 2) 
             bare = _bare_steps(trainer, batches[window:], label_smoothed_nll)
         finally:
             trainer.close()
+    steady, warm_tokens = statistics.median(rates[1:]), sum(tokens[:window])
     return {
-        "trainer_tok_s": statistics.median(rates[1:]),
+        "trainer_tok_s": steady,
         "bare_tok_s": sum(tokens[window:]) / bare,
         "update_tokens": sum(tokens) / len(tokens),
         "updates": window * rounds,
-        "warmup_s": sum(tokens[:window]) / rates[0],
+        "warmup_s": warm_tokens / rates[0],
+        "compile_s": max(warm_tokens / rates[0] - warm_tokens / steady, 0.0),
         "shapes": (len(shapes[0]), len(shapes[1] - shapes[0])),
     }
 

@@ -173,7 +173,9 @@ def test_filler_rows_change_neither_loss_nor_gradients():
     torch.manual_seed(0)
     model = Transformer(tiny_config().model, 60, 60)
     grads = []
-    for b in (make_batch(src, tgt, [0, 1, 2]), make_batch(src, tgt, [0, 1, 2], pad_to_multiple=8, max_tokens=64)):
+    padded = make_batch(src, tgt, [0, 1, 2], pad_to_multiple=8, max_tokens=64)
+    assert padded.src.shape == (8, 8)
+    for b in (make_batch(src, tgt, [0, 1, 2]), padded):
         model.zero_grad()
         loss, _ = label_smoothed_nll(model(b.src, b.tgt_in), b.tgt_out, 0.1)
         loss.backward()

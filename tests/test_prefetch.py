@@ -39,3 +39,16 @@ def test_close_stops_the_thread_of_an_endless_iterator():
     assert next(p) == (0, "0")
     p.close()
     assert not any(t.name == "mt-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_unthreaded_gives_the_same_items_on_the_callers_thread():
+    made_on = []
+
+    def make(i):
+        made_on.append(threading.current_thread())
+        return -i
+
+    p = Prefetcher(iter(range(5)), make, threaded=False)
+    assert list(p) == [(i, -i) for i in range(5)]
+    p.close()
+    assert set(made_on) == {threading.current_thread()}

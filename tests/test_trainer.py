@@ -679,7 +679,8 @@ def _compiled_run(tmp_path, corpus, monkeypatch, backend, *overrides):
 
     counter = CompileCounterWithBackend(backend)
     real_compile = torch.compile
-    monkeypatch.setattr(trainer_mod.torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+    monkeypatch.setattr(trainer_mod.torch, "compile",
+                        lambda fn, **kw: real_compile(fn, backend=counter, **kw))
     torch._dynamo.reset()
     counters.clear()
     cfg = _cfg(tmp_path, corpus, "train.compile=true", "train.pad_to_multiple=8", "train.valid_every=0",
