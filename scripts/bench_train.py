@@ -92,16 +92,17 @@ def trainer_against_bare(
 ) -> dict[str, Any]:
     """The real trainer's steady-state throughput next to a bare step's on the same batches.
 
-    `cfg` is trained (in a temporary directory) for a warm-up window of `warmup_updates`
-    updates (0: one epoch, at most 50) and `rounds` windows of as many; its logged tok_s of
-    the measured windows (median) is the trainer's. Returns target tokens/s of both, the
-    update's mean target tokens, the warm-up's seconds (compilation included) and what of it
-    the steady state does not explain (compilation, mostly), and the batch shapes of the
-    warm-up and of the measured windows (a shape first seen after the warm-up is compiled
-    inside a measured window). Checkpoints are written only to `out_dir`, when given (their
-    time is left out of tok_s either way).
+    `cfg` is trained (in a temporary directory) in windows of `warmup_updates` updates (0: one
+    epoch, at most 50): a warm-up of whole windows, until the next `rounds` windows hold no
+    batch shape it has not seen (at most 4 windows: a compiled model then compiles nothing
+    while measured), and `rounds` measured windows, whose logged tok_s (median) is the
+    trainer's. Returns target tokens/s of both, the update's mean target tokens, the warm-up's
+    seconds (compilation included) and what of it the steady state does not explain
+    (compilation, mostly), and the number of batch shapes of the warm-up and of those first
+    seen in the measured windows. Checkpoints are written only to `out_dir`, when given
+    (their time is left out of tok_s either way).
     """
-    from mt.trainer import Trainer, label_smoothed_nll
+    from mt.trainer import Trainer, _collate, label_smoothed_nll
 
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))
@@ -112,30 +113,47 @@ def trainer_against_bare(
         if out_dir is None:
             trainer.save = lambda *args, **kwargs: None  # saves to a directory deleted after: skip them
         try:
+
+            def collate(update: tuple[Any, ...]) -> list[Any]:
+                split = trainer.train_split
+                return [_collate(split, idx, t.pad_to_multiple, t.max_tokens) for idx in update[0]]
+
             per_epoch = -(-trainer.batcher.num_batches(0) // t.accum_steps)
             window = warmup_updates or min(per_epoch, 50)
-            t.max_steps, t.log_every = window * (1 + rounds), window
-            updates = list(itertools.islice(trainer._updates(0, 0), window * (1 + rounds)))
-            batches = [trainer._collate_update(u) for u in updates]
-            shapes = [{tuple(b.src.shape) for u in part for b in u} for part in (batches[:window],
-                                                                                batches[window:])]
-            tokens = [sum(b.n_tgt_tokens for b in u) for u in batches]
+            updates = list(itertools.islice(trainer._updates(0, 0), window * (4 + rounds)))
+            shapes, tokens = [], []
+            for u in updates:
+                batches = collate(u)
+                shapes.append({tuple(b.src.shape) for b in batches})
+                tokens.append(sum(b.n_tgt_tokens for b in batches))
+            warm = window
+            while warm < 4 * window and _new_shapes(shapes, warm, rounds * window):
+                warm += window
+            total = warm + rounds * window
+            t.max_steps, t.log_every = total, window
             trainer.fit()
             rows = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
             rates = [r["tok_s"] for r in rows if r["kind"] == "train"]
-            bare = _bare_steps(trainer, batches[window:], label_smoothed_nll)
+            bare = _bare_steps(trainer, [collate(u) for u in updates[warm:total]], label_smoothed_nll)
         finally:
             trainer.close()
-    steady, warm_tokens = statistics.median(rates[1:]), sum(tokens[:window])
+    k = warm // window
+    steady = statistics.median(rates[k:])
+    warm_s = sum(sum(tokens[i * window : (i + 1) * window]) / rates[i] for i in range(k))
     return {
         "trainer_tok_s": steady,
-        "bare_tok_s": sum(tokens[window:]) / bare,
-        "update_tokens": sum(tokens) / len(tokens),
-        "updates": window * rounds,
-        "warmup_s": warm_tokens / rates[0],
-        "compile_s": max(warm_tokens / rates[0] - warm_tokens / steady, 0.0),
-        "shapes": (len(shapes[0]), len(shapes[1] - shapes[0])),
+        "bare_tok_s": sum(tokens[warm:total]) / bare,
+        "update_tokens": sum(tokens[:total]) / total,
+        "updates": total - warm,
+        "warmup_s": warm_s,
+        "compile_s": max(warm_s - sum(tokens[:warm]) / steady, 0.0),
+        "shapes": (len(set().union(*shapes[:warm])), len(_new_shapes(shapes, warm, total - warm))),
     }
+
+
+def _new_shapes(shapes: list[set[Any]], start: int, n: int) -> set[Any]:
+    """The batch shapes of updates start .. start + n - 1 that no update before them had."""
+    return set().union(*shapes[start : start + n]) - set().union(*shapes[:start])
 
 
 def _bare_steps(trainer: Any, updates: list[list[Any]], plain_loss: Any) -> float:
@@ -186,8 +204,8 @@ def main() -> None:
         print(f"  {'mt train (Trainer.fit)':<26}{r['trainer_tok_s']:>10.0f} target tokens/s")
         print(f"  {'bare forward/backward/step':<26}{r['bare_tok_s']:>10.0f} target tokens/s")
         print(f"  trainer / bare: {r['trainer_tok_s'] / r['bare_tok_s']:.3f} (target >= 0.95)")
-        print(f"  warm-up window {r['warmup_s']:.1f} s; batch shapes {r['shapes'][0]}, "
-              f"{r['shapes'][1]} new after the warm-up")
+        print(f"  warm-up {r['warmup_s']:.1f} s (compile ~{r['compile_s']:.1f} s); batch shapes "
+              f"{r['shapes'][0]}, {r['shapes'][1]} new after the warm-up")
         return
     data = load_prepared(cfg.prepared_dir)
     split = data.split("train")
