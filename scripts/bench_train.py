@@ -20,6 +20,7 @@ time is printed apart. scripts/gpu_check.py runs the same measurement on a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -27,6 +28,8 @@ import math
 import statistics
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +102,9 @@ def trainer_against_bare(
     trainer's. Returns target tokens/s of both, the update's mean target tokens, the warm-up's
     seconds (compilation included) and what of it the steady state does not explain
     (compilation, mostly), and the number of batch shapes of the warm-up and of those first
-    seen in the measured windows. Checkpoints are written only to `out_dir`, when given
-    (their time is left out of tok_s either way).
+    seen in the measured windows; on a GPU also the host waits inside the measured updates
+    (none expected). Checkpoints are written only to `out_dir`, when given (their time is left
+    out of tok_s either way).
     """
     from mt.trainer import Trainer, _collate, label_smoothed_nll
 
@@ -131,7 +135,8 @@ def trainer_against_bare(
                 warm += window
             total = warm + rounds * window
             t.max_steps, t.log_every = total, window
-            trainer.fit()
+            with _syncs_in_updates(trainer, after_step=warm) as syncs:
+                trainer.fit()
             rows = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
             rates = [r["tok_s"] for r in rows if r["kind"] == "train"]
             bare = _bare_steps(trainer, [collate(u) for u in updates[warm:total]], label_smoothed_nll)
@@ -148,7 +153,45 @@ def trainer_against_bare(
         "warmup_s": warm_s,
         "compile_s": max(warm_s - sum(tokens[:warm]) / steady, 0.0),
         "shapes": (len(set().union(*shapes[:warm])), len(_new_shapes(shapes, warm, total - warm))),
+        "syncs": syncs[0] if trainer.device.type == "cuda" else None,
     }
+
+
+@contextlib.contextmanager
+def _syncs_in_updates(trainer: Any, after_step: int) -> Iterator[list[int]]:
+    """On a GPU, count the operations inside `trainer.update` (after step `after_step`) that
+    make the host wait for the device (torch.cuda's sync debug mode): the update should have
+    none. Yields a one-element list that holds the count at the end."""
+    count = [0]
+    if trainer.device.type != "cuda":
+        yield count
+        return
+    real_update, inside = trainer.update, [False]
+
+    def update(batches: list[Any]) -> Any:
+        inside[0] = trainer.state.step >= after_step
+        try:
+            return real_update(batches)
+        finally:
+            inside[0] = False
+
+    def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+        if inside[0] and "synchroniz" in str(message):
+            count[0] += 1
+        else:
+            shown(message, category, *args, **kwargs)
+
+    trainer.update = update
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown, warnings.showwarning = warnings.showwarning, show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield count
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+            del trainer.update
 
 
 def _new_shapes(shapes: list[set[Any]], start: int, n: int) -> set[Any]:

@@ -227,6 +227,9 @@ def real_training(args: argparse.Namespace, device: torch.device) -> None:
         row("  warm-up" + (", and the compile time in it" if compiled else ""), f"{r['warmup_s']:.1f} s",
             f"compile ~{r['compile_s']:.1f} s" if compiled else "",
             f"{r['shapes'][0]} shapes, {r['shapes'][1]} new after")
+        if r["syncs"] is not None:
+            row(f"  host waits inside the {r['updates']} measured updates", str(r["syncs"]),
+                "(none expected)")
 
 
 def decoding(args: argparse.Namespace, device: torch.device) -> None:
