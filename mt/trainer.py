@@ -399,6 +399,9 @@ class Trainer:
             # With pad_to_multiple every batch has one of a few shapes: each is compiled once,
             # statically. Without, shapes vary from batch to batch: dynamic shapes.
             dynamic = not t.pad_to_multiple
+            if dynamic and self.dist.is_main:
+                print("mt train: train.compile without train.pad_to_multiple compiles for dynamic shapes, "
+                      "slowly; train.pad_to_multiple=16 (or 32) gives a few static ones")
             if t.pad_to_multiple:
                 shapes = -(-(self.cfg.data.max_len + 1) // t.pad_to_multiple)
                 # Dynamo gives up compiling a function after recompile_limit shapes (8).
