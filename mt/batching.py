@@ -97,34 +97,63 @@ def _fill(seqs: list[np.ndarray], lens: np.ndarray, width: int, offset: int) -> 
 
 
 def make_batch(
-    src_seqs: list[np.ndarray], tgt_seqs: list[np.ndarray], indices: np.ndarray | list[int]
+    src_seqs: list[np.ndarray],
+    tgt_seqs: list[np.ndarray],
+    indices: np.ndarray | list[int],
+    pad_to_multiple: int = 0,
+    max_tokens: int = 0,
 ) -> Batch:
-    """Padded tensors for the given raw id sequences (no special tokens in the input)."""
+    """Padded tensors for the given raw id sequences (no special tokens in the input).
+
+    With pad_to_multiple N > 0, source and target take one width, the smallest multiple of N
+    that holds every pair, and the batch gets max_tokens // width rows (at least its own):
+    the shape then depends on the width alone, so a compiled model sees few shapes. A filler
+    row is a source of EOS alone and a target of PAD alone: attention stays finite and the
+    loss ignores it; its index is -1 and the token counts leave it out.
+    """
     if not src_seqs or len(src_seqs) != len(tgt_seqs) or len(src_seqs) != len(indices):
         raise ValueError(
             f"make_batch needs equally many (>0) sources, targets and indices, "
             f"got {len(src_seqs)}, {len(tgt_seqs)}, {len(indices)}"
         )
-    rows = np.arange(len(src_seqs))
-    src_lens = np.fromiter((len(s) for s in src_seqs), dtype=np.int64, count=len(src_seqs))
-    tgt_lens = np.fromiter((len(t) for t in tgt_seqs), dtype=np.int64, count=len(tgt_seqs))
+    n = len(src_seqs)
+    rows = np.arange(n)
+    src_lens = np.fromiter((len(s) for s in src_seqs), dtype=np.int64, count=n)
+    tgt_lens = np.fromiter((len(t) for t in tgt_seqs), dtype=np.int64, count=n)
     s_width, t_width = int(src_lens.max()) + 1, int(tgt_lens.max()) + 1
+    idx = np.asarray(indices, dtype=np.int64)
+    if pad_to_multiple:
+        s_width = t_width = padded_size(max(s_width, t_width), pad_to_multiple)
+        extra = max(max_tokens // s_width - n, 0)
+        if extra:  # filler rows: an empty source (EOS alone) and an empty, ignored target
+            empty = np.zeros(0, dtype=np.int64)
+            src_seqs = [*src_seqs, *([empty] * extra)]
+            tgt_seqs = [*tgt_seqs, *([empty] * extra)]
+            idx = np.concatenate([idx, np.full(extra, -1, dtype=np.int64)])
+    all_rows = np.arange(len(src_seqs))
+    all_src = np.fromiter((len(s) for s in src_seqs), dtype=np.int64, count=len(src_seqs))
+    all_tgt = np.fromiter((len(t) for t in tgt_seqs), dtype=np.int64, count=len(tgt_seqs))
 
-    src = _fill(src_seqs, src_lens, s_width, offset=0)
-    src[rows, src_lens] = EOS
-    tgt_in = _fill(tgt_seqs, tgt_lens, t_width, offset=1)
+    src = _fill(src_seqs, all_src, s_width, offset=0)
+    src[all_rows, all_src] = EOS
+    tgt_in = _fill(tgt_seqs, all_tgt, t_width, offset=1)
     tgt_in[:, 0] = BOS
-    tgt_out = _fill(tgt_seqs, tgt_lens, t_width, offset=0)
-    tgt_out[rows, tgt_lens] = EOS
+    tgt_out = _fill(tgt_seqs, all_tgt, t_width, offset=0)
+    tgt_out[rows, tgt_lens] = EOS  # real rows only: a filler's target is PAD throughout
 
     return Batch(
         src=torch.from_numpy(src),
         tgt_in=torch.from_numpy(tgt_in),
         tgt_out=torch.from_numpy(tgt_out),
-        indices=torch.as_tensor(np.asarray(indices, dtype=np.int64)),
-        _n_src=int(src_lens.sum()) + len(src_seqs),
-        _n_tgt=int(tgt_lens.sum()) + len(tgt_seqs),
+        indices=torch.from_numpy(idx),
+        _n_src=int(src_lens.sum()) + n,
+        _n_tgt=int(tgt_lens.sum()) + n,
     )
+
+
+def padded_size(size: int | np.ndarray, multiple: int) -> int | np.ndarray:
+    """`size` rounded up to a multiple of `multiple` (unchanged for 0)."""
+    return -(-size // multiple) * multiple if multiple else size
 
 
 @dataclass(frozen=True)
@@ -164,7 +193,8 @@ class TokenBatcher:
     """Groups sentence pairs into batches of at most `max_tokens` padded tokens.
 
     A pair's size is max(src_len + 1, tgt_len + 1) (the +1 is EOS, or BOS on the decoder
-    input); a batch costs n_pairs * (largest size in it), i.e. padding is counted, and
+    input), rounded up to a multiple of `pad_to_multiple` when that is set; a batch
+    costs n_pairs * (largest size in it), i.e. padding is counted, and
     never exceeds `max_tokens`.
 
     Each epoch (fairseq's recipe): shuffle the pairs, stable-sort them by
@@ -193,6 +223,7 @@ class TokenBatcher:
         rank: int = 0,
         world_size: int = 1,
         mixture: Mixture | None = None,
+        pad_to_multiple: int = 0,
     ) -> None:
         src_lens = np.asarray(src_lens, dtype=np.int64)
         tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
@@ -210,7 +241,8 @@ class TokenBatcher:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
 
         self.src_lens, self.tgt_lens = src_lens, tgt_lens
-        self.sizes = np.maximum(src_lens, tgt_lens) + 1
+        # Padded to a multiple (train.pad_to_multiple), a pair costs what make_batch makes of it.
+        self.sizes = padded_size(np.maximum(src_lens, tgt_lens) + 1, pad_to_multiple)
         too_long = np.flatnonzero(self.sizes > max_tokens)
         if len(too_long):
             i = int(too_long[0])

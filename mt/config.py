@@ -144,7 +144,15 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     precision: Precision = "auto"
     threads: int = 0  # CPU threads for torch; 0 = torch's default
+    # torch.compile the model and the loss. Give it pad_to_multiple too: with it, every batch
+    # shape is static and compiled once (dynamic=False); without, shapes are dynamic.
     compile: bool = False
+    # 0 = a training batch is as wide as its longest pair. N > 0: source and target are padded
+    # to one width, a multiple of N, and the rows to max_tokens // width (filler rows carry no
+    # loss); the batcher counts pairs at that padded size. Batches then take at most
+    # ceil((data.max_len + 1) / N) shapes, which train.compile compiles once each and never
+    # again in steady state; the price is the padding (N = 8 pads little, 32 gives few shapes).
+    pad_to_multiple: int = 0
     # Fine-tuning: start from this checkpoint's weights (a fresh optimizer and schedule), with
     # the data prepared by its SentencePiece models. The model config must match its shapes.
     init_from: str = ""
@@ -387,6 +395,15 @@ def validate(cfg: Config) -> None:
         f"(data.max_len {d.max_len} + 1 for end-of-sentence)",
     )
     _check(t.accum_steps >= 1, "train.accum_steps", "must be >= 1")
+    _check(t.pad_to_multiple >= 0, "train.pad_to_multiple", f"must be >= 0, got {t.pad_to_multiple}")
+    if t.pad_to_multiple:
+        widest = -(-(d.max_len + 1) // t.pad_to_multiple) * t.pad_to_multiple
+        _check(
+            t.max_tokens >= widest,
+            "train.max_tokens",
+            f"{t.max_tokens} is smaller than the widest padded batch ({widest}: data.max_len "
+            f"{d.max_len} + 1, rounded up to train.pad_to_multiple {t.pad_to_multiple})",
+        )
     for k in ("max_steps", "max_epochs", "valid_every", "patience", "keep_last", "threads"):
         _check(getattr(t, k) >= 0, f"train.{k}", "must be >= 0")
     _check(t.max_minutes >= 0, "train.max_minutes", "must be >= 0")

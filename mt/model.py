@@ -295,8 +295,8 @@ def key_padding_mask(pad: Tensor) -> Tensor | None:
     fully masked, which makes sdpa return NaN; it attends to its pads instead (its
     output is meaningless either way, but finite).
     """
-    if pad.device.type == "cpu" and not bool(pad.any()):
-        return None
+    if pad.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(pad.any()):
+        return None  # (compiled, a mask is always built: reading pad.any() would break the graph)
     keep = ~pad
     keep |= ~keep.any(dim=1, keepdim=True)
     return keep[:, None, None, :]

@@ -51,12 +51,16 @@ from mt.evaluate import score
 from mt.files import DirectoryLock, remove_stale, temp_path, write_atomic
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer
+from mt.prefetch import Prefetcher
 from mt.prepare import is_up_to_date, prepare, pretrained_vocab, read_meta
 from mt.schedule import lr_at, set_lr
 from mt.sources import inputs_reachable, source_configs
 from mt.translator import pad_sources, translate_ids
 
 MAX_NONFINITE_IN_ROW = 5
+# What Trainer.update returns, on the device, in this order: per-token loss and nll, gradient
+# norm, target tokens (all ranks), stop flag (ranks asking to stop), 1.0 if the step was taken.
+RECORD = ("loss", "nll", "grad_norm", "tokens", "stop", "finite")
 BOARD_SENTENCES = 3  # validation sentences whose attention TensorBoard shows
 # The data settings that decide what a checkpoint's token ids mean: a run may not resume with
 # others (mt.config.DataConfig documents each).
@@ -120,8 +124,10 @@ class TrainState:
 # --------------------------------------------------------------------------- set-up
 
 
-def _collate(split: PreparedSplit, idx: np.ndarray) -> Batch:
-    return make_batch([split.src(i) for i in idx], [split.tgt(i) for i in idx], idx)
+def _collate(split: PreparedSplit, idx: np.ndarray, pad_to_multiple: int = 0, max_tokens: int = 0) -> Batch:
+    return make_batch(
+        [split.src(i) for i in idx], [split.tgt(i) for i in idx], idx, pad_to_multiple, max_tokens
+    )
 
 
 def _step_of(line: str) -> int | None:
@@ -182,6 +188,9 @@ class Trainer:
         self.device = self.dist.device(pick_device(t.device, "train.device"))
         decode_precision(cfg.decode.precision, self.device)  # errors now, not at the final test
         self.amp_dtype = train_autocast_dtype(t.precision, self.device)
+        # One GPU: update records are read every train.log_every steps, not after each update
+        # (a read waits for the device). Several ranks read each one, to agree on stopping.
+        self.defer_reads = self.device.type == "cuda" and not self.dist.enabled
         self.out = cfg.out_dir
         self.last_path = self.out / "checkpoint_last.pt"
         self.best_path = self.out / "checkpoint_best.pt"
@@ -417,10 +426,24 @@ class Trainer:
         return TensorBoard(self.out / "tensorboard", resume_step)
 
     def _wrap(self, model: Transformer) -> torch.nn.Module:
+        """What the updates call: DDP and/or compiled; the loss is compiled alongside (it fuses
+        log-softmax, gather and sums, which would otherwise write (tokens, V) floats)."""
         wrapped = self.dist.wrap(model)
-        if self.cfg.train.compile:
-            # Batch shapes vary from step to step; dynamic shapes avoid a recompile for each.
-            wrapped = torch.compile(wrapped, dynamic=True)
+        self.compiled_loss = None
+        t = self.cfg.train
+        if t.compile:
+            # With pad_to_multiple every batch has one of a few shapes: each is compiled once,
+            # statically. Without, shapes vary from batch to batch: dynamic shapes.
+            dynamic = not t.pad_to_multiple
+            if dynamic and self.dist.is_main:
+                print("mt train: train.compile without train.pad_to_multiple compiles for dynamic shapes, "
+                      "slowly; train.pad_to_multiple=16 (or 32) gives a few static ones")
+            if t.pad_to_multiple:
+                shapes = -(-(self.cfg.data.max_len + 1) // t.pad_to_multiple)
+                # Dynamo gives up compiling a function after recompile_limit shapes (8).
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 1)
+            wrapped = torch.compile(wrapped, dynamic=dynamic)
+            self.compiled_loss = torch.compile(label_smoothed_nll, dynamic=dynamic)
         return wrapped
 
     def _build_batcher(self, weights: dict[str, float] | None = None) -> TokenBatcher:
@@ -434,6 +457,7 @@ class Trainer:
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
                 mixture=self._mixture(weights),
+                pad_to_multiple=t.pad_to_multiple,
             )
         except ValueError as e:
             raise MTError(f"train.max_tokens: {e}") from None
@@ -507,55 +531,76 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def update(self, batches: list[Batch]) -> dict[str, float]:
-        """One optimizer step over `batches` (this rank's share of the update)."""
+    def update(self, batches: list[Batch]) -> torch.Tensor:
+        """One optimizer step over `batches` (this rank's share of the update).
+
+        Returns the update's record on the device, RECORD's values in order; nothing here waits
+        for the device (on one GPU), so the CPU runs ahead and prepares the next update. A
+        non-finite loss or gradient norm skips the step on the device too: the fused AdamW
+        kernel takes a found-inf flag, as it does from the fp16 grad scaler.
+        """
         t = self.cfg.train
         self.model.train()
+        tokens = float(sum(b.n_tgt_tokens for b in batches))
+        # Filled on the device, not copied from the host: a copy of a host scalar waits for the GPU.
         # Every tensor a collective gets is on the model's device (NCCL takes no CPU tensors).
-        n_tokens = torch.tensor(float(sum(b.n_tgt_tokens for b in batches)), device=self.device)
+        n_tokens = torch.full((), tokens, device=self.device)
         self.dist.all_reduce_sum(n_tokens)  # the update's tokens over all ranks
-        # DDP averages gradients over ranks; scaling by world_size makes that a sum. A tensor,
-        # not a float: reading it would make the CPU wait for the GPU before the first batch.
-        norm = n_tokens / self.dist.world_size
+        # DDP averages gradients over ranks; scaling by world_size makes that a sum. One
+        # process knows its tokens on the host and divides by a plain number.
+        norm = n_tokens / self.dist.world_size if self.dist.enabled else tokens
+        loss_fn = self.compiled_loss or label_smoothed_nll
         loss_total = torch.zeros((), device=self.device)
         nll_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
-            if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
-                batch = batch.pin_memory()
-            batch = batch.to(self.device, non_blocking=True)
+            batch = batch.to(self.device, non_blocking=True)  # pinned by the prefetcher on a GPU
             sync = i == len(batches) - 1
             with self.dist.no_sync(self.model, sync), self._autocast():
                 logits = self.model(batch.src, batch.tgt_in)  # (B, T, V)
-                loss, nll = label_smoothed_nll(logits, batch.tgt_out, t.label_smoothing)
+                loss, nll = loss_fn(logits, batch.tgt_out, t.label_smoothing)
             self.scaler.scale(loss / norm).backward()
             loss_total += loss.detach()
             nll_total += nll.detach()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.raw_model.parameters(), t.clip_norm if t.clip_norm > 0 else float("inf")
-        )
+        grad_norm = self._grad_norm()
         # A signal may reach some ranks only, or reach them at different moments: the stop is
         # decided over all ranks with the update's sums, so that every rank stops after it.
-        stop = torch.tensor(float(self.stop_requested), device=self.device)
+        stop = torch.full((), float(self.stop_requested), device=self.device)
         stats = torch.stack([loss_total, nll_total, stop]).float()
         self.dist.all_reduce_sum(stats)
-        # One host sync per update, here, for everything the loop needs to know.
-        values = torch.cat([stats[:2] / n_tokens, grad_norm.float()[None], n_tokens[None], stats[2:]])
-        loss_tok, nll_tok, gnorm, tokens, stops = values.tolist()
-        if stops and not self.stop_requested:
-            self.stop_signal = signal.SIGTERM  # another rank's (torchrun forwards SIGTERM to all)
         if self.scaler.is_enabled():
             # fp16: the scaler skips a step whose gradients overflow and lowers its scale; that
             # is how it finds its scale (the first steps at 2**16 often overflow), not divergence.
-            finite = math.isfinite(loss_tok)
+            finite = torch.isfinite(stats[0])
             self.scaler.step(self.optimizer)
         else:
-            finite = math.isfinite(loss_tok) and math.isfinite(gnorm)
-            if finite:
-                self.optimizer.step()
+            finite = torch.isfinite(stats[0]) & torch.isfinite(grad_norm)
+            self._step_if(finite)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_tok, "nll": nll_tok, "grad_norm": gnorm, "finite": finite, "tokens": tokens}
+        per_token, flags = stats[:2] / n_tokens, torch.stack([stats[2], finite.float()])
+        return torch.cat([per_token, grad_norm.float()[None], n_tokens[None], flags])
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The gradients' total norm, clipped to train.clip_norm when that is set; without it the
+        gradients are left alone (clip_grad_norm_ with an infinite bound multiplies every one by 1)."""
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.cfg.train.clip_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.train.clip_norm, norm)
+        return norm
+
+    def _step_if(self, finite: torch.Tensor) -> None:
+        """optimizer.step() when `finite` holds. The fused kernel skips on the device (and
+        leaves its step count alone); any other optimizer needs the flag on the host."""
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~finite).float()  # read by torch.optim.AdamW.step
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif bool(finite):
+            self.optimizer.step()
 
     # ------------------------------------------------------------------ validation
 
@@ -652,15 +697,20 @@ class Trainer:
     def _maybe_validate_and_save(self, epoch_end: bool = False, final: bool = False) -> None:
         """The one place that writes checkpoints: every train.valid_every steps, at each epoch's
         end and when the run stops, validation then checkpoints; an interrupted run saves
-        where it is without validating, so that it stops at once."""
+        where it is without validating, so that it stops at once. The updates' records are
+        read first, so that what is saved counts every update before it."""
         s, every = self.state, self.cfg.train.valid_every
-        if final:
-            if self.stop_requested:
-                self.save()
-            elif s.last_valid_step != s.step:
+        if not (final or epoch_end or (every and s.step % every == 0)):
+            return
+        self._settle()
+        with self._paused():
+            if final:
+                if self.stop_requested:
+                    self.save()
+                elif s.last_valid_step != s.step:
+                    self.validate_and_save()
+            else:
                 self.validate_and_save()
-        elif epoch_end or (every and s.step % every == 0):
-            self.validate_and_save()
 
     # ------------------------------------------------------------------ the loop
 
@@ -683,11 +733,11 @@ class Trainer:
             return "budget reached"
         return None
 
-    def _updates(self) -> Iterator[tuple[list[np.ndarray], int, int]]:
-        """From where the run stands, each update's batches (train.accum_steps of them) with
-        the (epoch, position) the run is at after them: an epoch's last update moves on to
+    def _updates(self, epoch: int, pos: int) -> Iterator[tuple[list[np.ndarray], int, int]]:
+        """From (epoch, pos), each update's batches (train.accum_steps of them) with the
+        (epoch, position) the run is at after them: an epoch's last update moves on to
         position 0 of the next epoch. The batch lists are pure functions of seed and epoch."""
-        epoch, pos, accum = self.state.epoch, self.state.batch_pos, self.cfg.train.accum_steps
+        accum = self.cfg.train.accum_steps
         while True:
             batches = self._batcher_of(epoch).epoch_batches(epoch)
             while pos < len(batches):
@@ -715,24 +765,62 @@ class Trainer:
                 file=sys.stderr,
             )
 
-    def _log_train(self, out: dict[str, float], lr: float, bar: tqdm) -> None:
+    def _collate_update(self, item: tuple[list[np.ndarray], int, int]) -> list[Batch]:
+        """An update's batches as tensors (page-locked on a GPU, for asynchronous copies); runs
+        on the prefetch thread."""
+        t = self.cfg.train
+        batches = [_collate(self.train_split, idx, t.pad_to_multiple, t.max_tokens) for idx in item[0]]
+        return [b.pin_memory() for b in batches] if self.device.type == "cuda" else batches
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
+        """Time that is not training (validation, checkpoints): left out of the logged tok_s. The
+        device first finishes the updates queued before, so that their time stays counted."""
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_paused += time.perf_counter() - t0
+
+    def _settle(self) -> None:
+        """Read the records of the updates not read yet (one wait for the device) and act on
+        them in order: stop flags, non-finite checks, log lines."""
+        if not self._pending:
+            return
+        values = torch.stack([record for *_, record in self._pending]).tolist()
+        pending, self._pending = self._pending, []
+        for (step, epoch, lr, _), row in zip(pending, values, strict=True):
+            out = dict(zip(RECORD, row, strict=True))
+            if out["stop"] and not self.stop_requested:
+                self.stop_signal = signal.SIGTERM  # another rank's (torchrun forwards SIGTERM to all)
+            self._check_finite(out, step)
+            self._log_train(out, step, epoch, lr)
+
+    def _log_train(self, out: dict[str, float], step: int, epoch: int, lr: float) -> None:
         """Every train.log_every steps: the losses averaged over the updates since the last line,
-        weighted by tokens (the window's sums are checkpointed, so a resumed run logs alike)."""
+        weighted by tokens (the window's sums are checkpointed, so a resumed run logs alike), and
+        tokens per second of training alone: validation and checkpoints are left out."""
         s = self.state
         if out["finite"]:
             s.win_loss += out["loss"] * out["tokens"]
             s.win_nll += out["nll"] * out["tokens"]
             s.win_tokens += out["tokens"]
         self._tokens_seen += out["tokens"]
-        if s.step % self.cfg.train.log_every:
+        if step % self.cfg.train.log_every:
             return
-        tok_s = self._tokens_seen / max(time.time() - self._tokens_t0, 1e-9)
+        seconds = time.perf_counter() - self._window_start - self._window_paused
+        tok_s = self._tokens_seen / max(seconds, 1e-9)
         n = max(s.win_tokens, 1.0)
         loss, nll = s.win_loss / n, s.win_nll / n
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+        self._bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
         self.log.write(
-            step=s.step,
-            epoch=s.epoch,
+            step=step,
+            epoch=epoch,
             kind="train",
             loss=loss,
             nll=nll,
@@ -741,16 +829,17 @@ class Trainer:
             grad_norm=out["grad_norm"],
             tok_s=tok_s,
         )
-        self._tokens_seen, self._tokens_t0 = 0.0, time.time()
+        self._tokens_seen, self._window_start, self._window_paused = 0.0, time.perf_counter(), 0.0
         s.win_loss = s.win_nll = s.win_tokens = 0.0
 
     def fit(self) -> dict[str, Any]:
         t, s = self.cfg.train, self.state
         self._t0, self._elapsed_before = time.time(), s.elapsed
-        self._tokens_seen, self._tokens_t0 = 0.0, time.time()
+        self._tokens_seen, self._window_start, self._window_paused = 0.0, time.perf_counter(), 0.0
+        self._pending: list[tuple[int, int, float, torch.Tensor]] = []
         handled = (signal.SIGINT, signal.SIGTERM)
         previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
-        bar = tqdm(
+        self._bar = tqdm(
             total=t.max_steps or None,
             initial=s.step,
             desc="train",
@@ -758,22 +847,31 @@ class Trainer:
             disable=not self.dist.is_main,
             dynamic_ncols=True,
         )
-        updates = self._updates()
+        # On a GPU the next updates' batches are collated (and pinned) while the device works;
+        # a CPU computes on all its cores, so there they are collated in turn.
+        batches = Prefetcher(
+            self._updates(s.epoch, s.batch_pos), self._collate_update, threaded=self.device.type == "cuda"
+        )
         try:
             while (reason := self._stop_reason()) is None:
-                chunk, epoch, pos = next(updates)
+                (_, epoch, pos), collated = next(batches)
                 lr = lr_at(s.step + 1, t, self.cfg.model.d_model)
                 set_lr(self.optimizer, lr)
-                out = self.update([_collate(self.train_split, idx) for idx in chunk])
+                record = self.update(collated)
                 epoch_end = epoch != s.epoch
                 s.step, s.epoch, s.batch_pos = s.step + 1, epoch, pos
-                self._check_finite(out)
-                bar.update(1)
-                self._log_train(out, lr, bar)
+                self._bar.update(1)
+                self._pending.append((s.step, s.epoch, lr, record))
+                # On one GPU the records are read when a log line is due (or a checkpoint: see
+                # _maybe_validate_and_save); elsewhere after each update, as reading is free on a
+                # CPU and several ranks must agree on a stop after the same update.
+                if not self.defer_reads or s.step % t.log_every == 0:
+                    self._settle()
                 self._maybe_validate_and_save(epoch_end)
             self._maybe_validate_and_save(final=True)
         finally:
-            bar.close()
+            batches.close()
+            self._bar.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         s.elapsed = self._elapsed()
@@ -793,7 +891,7 @@ class Trainer:
             "signal": self.stop_signal,
         }
 
-    def _check_finite(self, out: dict[str, float]) -> None:
+    def _check_finite(self, out: dict[str, float], step: int) -> None:
         s = self.state
         if out["finite"]:
             s.nonfinite_in_row = 0
@@ -801,13 +899,13 @@ class Trainer:
         s.nonfinite_in_row += 1
         if self.dist.is_main:
             tqdm.write(
-                f"mt train: warning: non-finite loss or gradient at step {s.step} "
+                f"mt train: warning: non-finite loss or gradient at step {step} "
                 f"(loss {out['loss']}, grad norm {out['grad_norm']}); update skipped",
                 file=sys.stderr,
             )
         if s.nonfinite_in_row >= MAX_NONFINITE_IN_ROW:
             raise MTError(
-                f"training diverged: {s.nonfinite_in_row} non-finite losses in a row up to step {s.step}; "
+                f"training diverged: {s.nonfinite_in_row} non-finite losses in a row up to step {step}; "
                 f"the last good checkpoint is {self.last_path}. Try a lower train.lr or train.clip_norm=1"
             )
 

@@ -141,3 +141,58 @@ def test_bad_arguments():
         TokenBatcher(np.array([1]), np.array([1, 2]), 10, seed=0)
     with pytest.raises(ValueError):
         TokenBatcher(np.array([1]), np.array([1]), 10, seed=0, rank=2, world_size=2)
+
+
+# --------------------------------------------------------------------------- padded to a multiple
+
+
+def test_pad_to_multiple_gives_one_width_a_multiple_and_fills_the_rows():
+    src = [np.array([10, 11, 12]), np.array([20])]
+    tgt = [np.array([30]), np.array([40, 41, 42, 43, 44])]
+    b = make_batch(src, tgt, [7, 3], pad_to_multiple=4, max_tokens=20)
+    assert b.src.shape == b.tgt_in.shape == b.tgt_out.shape == (20 // 8, 8)  # width 6 -> 8
+    b = make_batch(src, tgt, [7, 3], pad_to_multiple=4, max_tokens=35)
+    assert b.src.shape == (4, 8) and b.indices.tolist() == [7, 3, -1, -1]
+    # Fillers: a source of EOS alone, a decoder input of BOS alone, no target token to score.
+    assert b.src[2:].tolist() == [[EOS] + [PAD] * 7] * 2
+    assert b.tgt_in[2:].tolist() == [[BOS] + [PAD] * 7] * 2
+    assert (b.tgt_out[2:] == PAD).all()
+    assert b.tgt_out[:2].tolist() == [[30, EOS] + [PAD] * 6, [40, 41, 42, 43, 44, EOS, PAD, PAD]]
+    assert (b.n_src_tokens, b.n_tgt_tokens) == (6, 8)  # the fillers count for nothing
+
+
+def test_filler_rows_change_neither_loss_nor_gradients():
+    from helpers import tiny_config
+
+    from mt.loss import label_smoothed_nll
+    from mt.model import Transformer
+
+    rng = np.random.default_rng(0)
+    src = [rng.integers(4, 60, n) for n in (3, 7, 5)]
+    tgt = [rng.integers(4, 60, n) for n in (4, 2, 6)]
+    torch.manual_seed(0)
+    model = Transformer(tiny_config().model, 60, 60)
+    grads = []
+    padded = make_batch(src, tgt, [0, 1, 2], pad_to_multiple=8, max_tokens=64)
+    assert padded.src.shape == (8, 8)
+    for b in (make_batch(src, tgt, [0, 1, 2]), padded):
+        model.zero_grad()
+        loss, _ = label_smoothed_nll(model(b.src, b.tgt_in), b.tgt_out, 0.1)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[1][0].item() == pytest.approx(grads[0][0].item(), rel=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_batcher_counts_pairs_at_their_padded_size():
+    rng = np.random.default_rng(1)
+    src_lens, tgt_lens = rng.integers(0, 40, 500), rng.integers(0, 40, 500)
+    batcher = TokenBatcher(src_lens, tgt_lens, max_tokens=200, seed=0, pad_to_multiple=16)
+    widths = set()
+    for idx in batcher.epoch_batches(0):
+        width = -(-int(np.maximum(src_lens[idx], tgt_lens[idx]).max() + 1) // 16) * 16
+        assert len(idx) <= 200 // width
+        widths.add(width)
+    assert widths == {16, 32, 48}  # sizes 1..40 padded: three shapes in all
+    assert sorted(np.concatenate(batcher.epoch_batches(0)).tolist()) == list(range(500))

@@ -90,6 +90,11 @@ def test_int_widens_to_float_and_dicts(tmp_path):
         ("", "train.warmup_steps=-5", "train.warmup_steps: must be >= 0"),
         ("", "train.max_tokens=50", "smaller than the longest allowed sentence"),
         ("", "model.heads=3", "not divisible"),
+        ("", "train.pad_to_multiple=-8", "train.pad_to_multiple: must be >= 0, got -8"),
+        # data.max_len 200 + 1, padded to 64: 256 tokens are the widest batch
+        ("train:\n  max_tokens: 250\n", "train.pad_to_multiple=64",
+         "train.max_tokens: 250 is smaller than the widest padded batch (256: data.max_len 200 + 1, "
+         "rounded up to train.pad_to_multiple 64)"),
     ],
 )
 def test_errors_name_the_key(tmp_path, text, override, message):

@@ -133,7 +133,7 @@ def test_nonfinite_update_is_skipped_not_saved(tmp_path, corpus, prepared_dir, m
         snapshots.append((self.state.step + 1, before, opt_steps, self))
         return out
 
-    real_nll, real_clip = trainer_mod.label_smoothed_nll, torch.nn.utils.clip_grad_norm_
+    real_nll, real_norm = trainer_mod.label_smoothed_nll, torch.nn.utils.get_total_norm
     calls = {"n": 0}
 
     def nll(logits, target, smoothing):
@@ -141,18 +141,18 @@ def test_nonfinite_update_is_skipped_not_saved(tmp_path, corpus, prepared_dir, m
         loss, n = real_nll(logits, target, smoothing)
         return (loss * float("nan"), n * float("nan")) if calls["n"] == 3 else (loss, n)
 
-    def clip(params, max_norm):
+    def total_norm(grads, *args, **kwargs):  # the gradients' norm is taken once per update
         calls["n"] += 1
-        params = list(params)
+        grads = list(grads)
         if calls["n"] == 3:
-            params[0].grad.fill_(float("nan"))
-        return real_clip(params, max_norm)
+            grads[0].fill_(float("nan"))
+        return real_norm(grads, *args, **kwargs)
 
     monkeypatch.setattr(trainer_mod.Trainer, "update", update)
     if where == "loss":
         monkeypatch.setattr(trainer_mod, "label_smoothed_nll", nll)
     else:
-        monkeypatch.setattr(trainer_mod.torch.nn.utils, "clip_grad_norm_", clip)
+        monkeypatch.setattr(trainer_mod.torch.nn.utils, "get_total_norm", total_norm)
     rc = main(["train", str(corpus_config(tmp_path, corpus)), "train.max_steps=4", "train.valid_every=0",
                "train.valid_bleu=false", "train.threads=1", f"data.prepared_dir={prepared_dir}"])
     assert rc == 0
@@ -686,3 +686,131 @@ def test_tensorboard_without_its_extra_is_one_line(tmp_path, corpus, monkeypatch
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(MTError, match=r"train.tensorboard needs the `tensorboard` extra: pip install"):
         train(_cfg(tmp_path, corpus, "train.max_steps=1", "train.tensorboard=true"))
+
+
+# --------------------------------------------------------------------------- speed: figures, reads, compile
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train"]
+
+
+def test_tokens_per_second_leave_out_validation_and_checkpoints(tmp_path, corpus, monkeypatch):
+    real = trainer_mod.Trainer.validate_and_save
+
+    def slow_validation(self):
+        time.sleep(1.5)
+        real(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "validate_and_save", slow_validation)
+    cfg = _cfg(tmp_path, corpus, "train.max_steps=4", "train.valid_every=2", "train.log_every=2",
+               "train.valid_bleu=false")
+    train(cfg)
+    rows = _train_rows(cfg.out_dir)
+    assert [r["step"] for r in rows] == [2, 4]
+    # Steps 3-4 had the validation of step 2 in their window: counted, at most 800 tokens in
+    # 1.5 s would be 533 tokens/s; two updates of this model take milliseconds.
+    assert rows[1]["tok_s"] > 5 * 800 / 1.5, rows
+
+
+def test_reading_update_records_late_as_on_a_gpu_trains_the_same_run(tmp_path, corpus, monkeypatch, capsys):
+    """On one GPU the update records are read every train.log_every steps; the run, its log and its
+    non-finite checks (the step is skipped on the device) are those of reading each record at once."""
+    real = trainer_mod.label_smoothed_nll
+    calls = {"n": 0}
+
+    def nan_at_step_5(logits, target, smoothing):
+        calls["n"] += torch.is_grad_enabled()  # training only, not validation
+        loss, nll = real(logits, target, smoothing)
+        return (loss * float("nan"), nll * float("nan")) if calls["n"] == 5 else (loss, nll)
+
+    monkeypatch.setattr(trainer_mod, "label_smoothed_nll", nan_at_step_5)
+    runs = {}
+    for deferred in (False, True):
+        calls["n"] = 0
+        cfg = _cfg(tmp_path / str(deferred), corpus, "train.max_steps=9", "train.valid_every=4",
+                   "train.log_every=3", "train.valid_bleu=false", "model.dropout=0.1")
+        trainer = trainer_mod.Trainer(cfg)
+        trainer.defer_reads = deferred
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        assert "non-finite loss or gradient at step 5" in capsys.readouterr().err
+        runs[deferred] = cfg.out_dir
+    assert _metrics(runs[True]) == _metrics(runs[False])
+    assert [r["step"] for r in _train_rows(runs[True])] == [3, 6, 9]
+    a, b = (load_checkpoint(runs[d] / "checkpoint_last.pt") for d in (False, True))
+    _same(a["model"], b["model"], "model")
+    _same(a["optimizer"], b["optimizer"], "optimizer")
+    assert a["state"] == {**b["state"], "elapsed": a["state"]["elapsed"]}
+
+
+def test_gradients_are_scaled_only_when_clip_norm_is_set(tmp_path, corpus, monkeypatch):
+    real = torch.nn.utils.clip_grads_with_norm_
+    bounds = []
+
+    def clip(params, max_norm, total_norm, *args, **kwargs):
+        bounds.append(max_norm)
+        return real(params, max_norm, total_norm, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod.torch.nn.utils, "clip_grads_with_norm_", clip)
+    for clip_norm in (0.0, 0.5):
+        trainer = trainer_mod.Trainer(_cfg(tmp_path / str(clip_norm), corpus, f"train.clip_norm={clip_norm}"))
+        try:
+            idx = trainer.batcher.epoch_batches(0)[0]
+            record = trainer.update([trainer_mod._collate(trainer.train_split, idx)])
+        finally:
+            trainer.close()
+        out = dict(zip(trainer_mod.RECORD, record.tolist(), strict=True))
+        assert out["finite"] == 1.0 and out["grad_norm"] > 0.5  # the norm before clipping
+    assert bounds == [0.5]
+
+
+def _compiled_run(tmp_path, corpus, monkeypatch, backend, *overrides):
+    """A compiled run through `backend`; returns its train rows and the compile counter."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    counter = CompileCounterWithBackend(backend)
+    real_compile = torch.compile
+    monkeypatch.setattr(trainer_mod.torch, "compile",
+                        lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = _cfg(tmp_path, corpus, "train.compile=true", "train.pad_to_multiple=8", "train.valid_every=0",
+               "train.valid_bleu=false", *overrides)
+    trainer = trainer_mod.Trainer(cfg)
+    try:
+        widths = set()
+        for epoch in range(2):
+            for idx in trainer.batcher.epoch_batches(epoch):
+                widths.add(trainer_mod._collate(trainer.train_split, idx, 8, 400).src.shape)
+        trainer.fit()
+    finally:
+        trainer.close()
+        monkeypatch.undo()
+    breaks = dict(counters["graph_break"])
+    torch._dynamo.reset()
+    return _train_rows(cfg.out_dir), counter.frame_count, widths, breaks
+
+
+def test_compiled_training_with_pad_to_multiple_compiles_each_batch_shape_once(tmp_path, corpus, monkeypatch):
+    # 7 batches an epoch; two epochs: the second compiles nothing new.
+    one_epoch, first, widths, breaks = _compiled_run(tmp_path / "a", corpus, monkeypatch, "aot_eager",
+                                                     "train.max_steps=7")
+    assert not breaks, breaks
+    assert 2 <= first <= 2 * len(widths) <= 6, (first, widths)  # the model and the loss, per shape
+    _, both, _, _ = _compiled_run(tmp_path / "b", corpus, monkeypatch, "aot_eager", "train.max_steps=14")
+    assert both == first
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_and_eager_training_agree(tmp_path, corpus, monkeypatch, backend):
+    common = ["train.pad_to_multiple=8", "train.valid_every=0", "train.valid_bleu=false", "train.max_steps=4"]
+    compiled, _, _, _ = _compiled_run(tmp_path / "c", corpus, monkeypatch, backend, "train.max_steps=4")
+    eager = _cfg(tmp_path / "e", corpus, *common)
+    train(eager)
+    losses = [r["loss"] for r in _train_rows(eager.out_dir)]
+    assert [r["loss"] for r in compiled] == pytest.approx(losses, rel=1e-4)
