@@ -567,6 +567,7 @@ def test_gnmts_length_penalty_is_refused_at_export_or_replaced_on_request_with_a
     assert main(["translate", "--model", str(model), "--input", str(src), "--beam", "1"]) == 0
 
 
+@pytest.mark.low_precision
 def test_int8_float16_and_int8_bfloat16_exports_load_and_translate_on_a_cpu(checkpoint_of, tmp_path):
     ck = checkpoint_of()
     full = export("ctranslate2", ck, tmp_path / "fp32")
@@ -579,6 +580,7 @@ def test_int8_float16_and_int8_bfloat16_exports_load_and_translate_on_a_cpu(chec
         assert all(t.strip() for t in ct2.translate(SOURCES[:3], beam=1))
 
 
+@pytest.mark.low_precision
 def test_compute_type_chooses_ctranslate2s_arithmetic_and_says_what_a_device_lacks(
     checkpoint_of, tmp_path, capsys
 ):
@@ -636,6 +638,7 @@ def test_compute_type_chooses_ctranslate2s_arithmetic_and_says_what_a_device_lac
         assert message in error_line(capsys.readouterr().err, args[0]), args
 
 
+@pytest.mark.low_precision
 def test_evaluate_scores_a_model_as_it_scores_its_checkpoint(checkpoint_of, tmp_path, capsys):
     ck = checkpoint_of()
     model = export("ctranslate2", ck, tmp_path / "ct2", "--quantization", "int8")
