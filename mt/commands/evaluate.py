@@ -87,31 +87,10 @@ def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
         name = args.split
 
     decode = cfg.decode if cfg is not None and not files else None
+    common = (ck_path, src, ref, args.beam, args.max_tokens, args.device, name)
     if args.model is not None:
-        result = evaluate_export(
-            ck_path,
-            src,
-            ref,
-            args.beam,
-            args.max_tokens,
-            args.device,
-            name,
-            decode=decode,
-            compute_type=args.compute_type,
-            progress=True,
-        )
+        result = evaluate_export(*common, decode=decode, compute_type=args.compute_type, progress=True)
     else:
-        result = evaluate_checkpoint(
-            ck_path,
-            src,
-            ref,
-            args.beam,
-            args.max_tokens,
-            args.device,
-            name,
-            decode=decode,
-            precision=args.precision,
-            progress=True,
-        )
+        result = evaluate_checkpoint(*common, decode=decode, precision=args.precision, progress=True)
     print(report(result))
     return result
