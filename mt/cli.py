@@ -36,14 +36,14 @@ PRECISION_HELP = (
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from mt.config import load_config
-    from mt.prepare import prepare
+    from mt.data.prepare import prepare
 
     prepare(load_config(args.config, args.overrides), force=args.force)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mt.config import load_config
-    from mt.trainer import train
+    from mt.train.trainer import train
 
     result = train(load_config(args.config, args.overrides))
     # Ctrl-C saved a checkpoint and stopped cleanly; still report the interruption, as shells do.
@@ -69,7 +69,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_average(args: argparse.Namespace) -> None:
-    from mt.average import average_checkpoints
+    from mt.train.average import average_checkpoints
 
     average_checkpoints(args.checkpoints, args.output)
 

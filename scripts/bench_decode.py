@@ -43,17 +43,17 @@ import numpy as np
 import torch
 
 from mt.config import load_config
-from mt.dataset import load_prepared
+from mt.data.dataset import load_prepared
+from mt.data.prepare import prepare
 from mt.device import DTYPES, cpu_description, decode_precision
-from mt.evaluate import score
 from mt.export.ct2 import write_ctranslate2
 from mt.export.ct2_translator import CT2Translator
 from mt.export.hf import generation_config, to_transformers
-from mt.lines import length_batches, max_output_length
 from mt.model import Transformer
-from mt.prepare import prepare
 from mt.special import BOS, EOS, PAD
-from mt.translator import Translator, pad_sources
+from mt.translate.evaluate import score
+from mt.translate.lines import length_batches, max_output_length
+from mt.translate.translator import Translator, pad_sources
 
 CT2_LAYOUTS = ("1 batch x 2 threads", "2 batches x 1 thread")  # for 2 cores; see ct2_workers
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from mt.config import Config, DataConfig
-from mt.prepare import prepare
+from mt.data.prepare import prepare
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_STEMS = {"valid": "val", "test": "test_2016_flickr"}

@@ -147,7 +147,7 @@ def main() -> int:
     ap.add_argument("--batch-window-ms", type=float, help="passed to mt serve (default: its own)")
     args = ap.parse_args()
     from mt.files import read_lines
-    from mt.translator import Translator
+    from mt.translate.translator import Translator
 
     source = read_lines(args.source)
     lines = [source[i % len(source)] for i in range(args.requests)]

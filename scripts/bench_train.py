@@ -36,13 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mt.batching import TokenBatcher, make_batch
 from mt.config import Config, ModelConfig, load_config
-from mt.dataset import load_prepared
-from mt.loss import label_smoothed_nll
+from mt.data.dataset import load_prepared
+from mt.data.prepare import prepare
 from mt.model import Transformer
-from mt.prepare import prepare
 from mt.special import PAD
+from mt.train.batching import TokenBatcher, make_batch
+from mt.train.loss import label_smoothed_nll
 
 
 class Reference(nn.Module):
@@ -106,7 +106,7 @@ def trainer_against_bare(
     (none expected). Checkpoints are written only to `out_dir`, when given (their time is left
     out of tok_s either way).
     """
-    from mt.trainer import Trainer, _collate, label_smoothed_nll
+    from mt.train.trainer import Trainer, _collate, label_smoothed_nll
 
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))

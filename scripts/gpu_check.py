@@ -53,9 +53,9 @@ from pathlib import Path
 import torch
 
 from mt.config import ModelConfig, load_config
-from mt.loss import label_smoothed_nll
 from mt.model import Transformer
 from mt.special import BOS, EOS
+from mt.train.loss import label_smoothed_nll
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "iwslt2017_de_en_gpu.yaml"
@@ -233,9 +233,9 @@ def real_training(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def decoding(args: argparse.Namespace, device: torch.device) -> None:
-    from mt.evaluate import score
     from mt.files import read_lines
-    from mt.translator import Translator
+    from mt.translate.evaluate import score
+    from mt.translate.translator import Translator
 
     trained = args.scratch / "trained" / "checkpoint_last.pt"
     weights = args.weights if args.weights and args.weights.is_file() else trained

@@ -29,12 +29,12 @@ from collections.abc import Callable
 
 import torch
 
-import mt.prepare
-import mt.trainer
-import mt.translator
+import mt.data.prepare
+import mt.train.trainer
+import mt.translate.translator
 from mt.cli import main
 
-Trainer = mt.trainer.Trainer
+Trainer = mt.train.trainer.Trainer
 
 
 def die() -> None:
@@ -56,7 +56,7 @@ def die_in_update(at: int | None, name: str) -> None:
 
 
 def die_in_validation(at: int | None, name: str) -> None:
-    real_validate, real_translate = Trainer.validate, mt.trainer.translate_ids
+    real_validate, real_translate = Trainer.validate, mt.train.trainer.translate_ids
     current = {}
 
     def validate(self):
@@ -69,7 +69,7 @@ def die_in_validation(at: int | None, name: str) -> None:
         return real_translate(*args, **kwargs)
 
     Trainer.validate = validate
-    mt.trainer.translate_ids = translate_ids
+    mt.train.trainer.translate_ids = translate_ids
 
 
 def die_while_saving(at: int | None, name: str) -> None:
@@ -90,18 +90,18 @@ def die_while_saving(at: int | None, name: str) -> None:
 
 
 def die_after_saving(at: int | None, name: str) -> None:
-    real_save_checkpoint = mt.trainer.save_checkpoint
+    real_save_checkpoint = mt.train.trainer.save_checkpoint
 
     def save_checkpoint(path, state):
         real_save_checkpoint(path, state)
         if os.path.basename(str(path)) == name and state["state"]["step"] == at:
             die()
 
-    mt.trainer.save_checkpoint = save_checkpoint
+    mt.train.trainer.save_checkpoint = save_checkpoint
 
 
 def die_mid_metrics_line(at: int | None, name: str) -> None:
-    real_write = mt.trainer.MetricsLog.write
+    real_write = mt.train.trainer.MetricsLog.write
 
     def write(self, **record):
         if record["step"] == at:
@@ -111,7 +111,7 @@ def die_mid_metrics_line(at: int | None, name: str) -> None:
             die()
         real_write(self, **record)
 
-    mt.trainer.MetricsLog.write = write
+    mt.train.trainer.MetricsLog.write = write
 
 
 WAITING = "WAITING"
@@ -135,7 +135,7 @@ def die_while_preparing(at: int | None, name: str) -> None:
     def write_arrays(*args, **kwargs):
         die()
 
-    mt.prepare._write_arrays = write_arrays
+    mt.data.prepare._write_arrays = write_arrays
 
 
 def die_between_cache_swaps(at: int | None, name: str) -> None:
@@ -153,7 +153,7 @@ def die_while_translating(at: int | None, name: str) -> None:
     def translate_nbest(self, *args, **kwargs):
         die()
 
-    mt.translator.Translator.translate_nbest = translate_nbest
+    mt.translate.translator.Translator.translate_nbest = translate_nbest
 
 
 FAULTS: dict[str, Callable[[int | None, str], None]] = {

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from mt.checkpoint import save_checkpoint
 from mt.config import Config, DataConfig, DecodeConfig, ModelConfig, to_dict
+from mt.data.tokenizer import Tokenizer, train_spm
 from mt.model import Transformer
 from mt.special import BOS, EOS, PAD
-from mt.tokenizer import Tokenizer, train_spm
 
 REPO = Path(__file__).resolve().parent.parent
 MULTI30K = Path(os.environ.get("MT_MULTI30K", REPO.parent / "shared" / "corpora" / "multi30k"))

@@ -5,10 +5,10 @@ Run under torchrun by tests/test_distributed.py, to show that a failing rank end
 
 import sys
 
-import mt.trainer
+import mt.train.trainer
 from mt.cli import main
 
-real_update = mt.trainer.Trainer.update
+real_update = mt.train.trainer.Trainer.update
 
 
 def update(self, batches):
@@ -17,5 +17,5 @@ def update(self, batches):
     return real_update(self, batches)
 
 
-mt.trainer.Trainer.update = update
+mt.train.trainer.Trainer.update = update
 sys.exit(main(sys.argv[1:]))

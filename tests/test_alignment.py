@@ -1,4 +1,4 @@
-"""mt.alignment: cross-attention weights of a translation, and word alignments from them."""
+"""mt.translate.alignment: cross-attention weights of a translation, and word alignments from them."""
 
 from __future__ import annotations
 
@@ -6,10 +6,16 @@ import pytest
 import torch
 from helpers import synthetic_pairs
 
-from mt.alignment import cross_attention, format_pairs, hard_alignment, translate_and_attend, word_index
 from mt.model import _merge_heads
 from mt.special import EOS, PAD
-from mt.translator import Translator
+from mt.translate.alignment import (
+    cross_attention,
+    format_pairs,
+    hard_alignment,
+    translate_and_attend,
+    word_index,
+)
+from mt.translate.translator import Translator
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import build_checkpoint, error_line, tiny_config
 
-from mt.average import average_checkpoints
 from mt.checkpoint import load_checkpoint, save_checkpoint
 from mt.cli import main
 from mt.errors import CheckpointError, MTError
-from mt.translator import Translator
+from mt.train.average import average_checkpoints
+from mt.translate.translator import Translator
 
 
 @pytest.fixture(scope="module")

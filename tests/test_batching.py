@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from mt.batching import Batch, TokenBatcher, make_batch
 from mt.special import BOS, EOS, PAD
+from mt.train.batching import Batch, TokenBatcher, make_batch
 
 
 def test_make_batch_layout():
@@ -164,8 +164,8 @@ def test_pad_to_multiple_gives_one_width_a_multiple_and_fills_the_rows():
 def test_filler_rows_change_neither_loss_nor_gradients():
     from helpers import tiny_config
 
-    from mt.loss import label_smoothed_nll
     from mt.model import Transformer
+    from mt.train.loss import label_smoothed_nll
 
     rng = np.random.default_rng(0)
     src = [rng.integers(4, 60, n) for n in (3, 7, 5)]

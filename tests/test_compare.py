@@ -15,7 +15,9 @@ import pytest
 from helpers import corpus_config, error_line, one_thread
 
 from mt.cli import main
-from mt.compare import (
+from mt.config import Config, SourceConfig, load_config
+from mt.errors import ConfigError
+from mt.train.compare import (
     SIGNIFICANCE,
     Run,
     best_validation,
@@ -26,9 +28,7 @@ from mt.compare import (
     table,
     to_json,
 )
-from mt.config import Config, SourceConfig, load_config
-from mt.errors import ConfigError
-from mt.trainer import train
+from mt.train.trainer import train
 
 # `corpus` and `prepared_dir` are conftest's, shared by the module (read only).
 

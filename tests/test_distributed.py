@@ -15,9 +15,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mt.checkpoint import load_checkpoint
 from mt.config import load_config
-from mt.distributed import Dist
-from mt.prepare import prepare
-from mt.trainer import Trainer, _collate
+from mt.data.prepare import prepare
+from mt.train.distributed import Dist
+from mt.train.trainer import Trainer, _collate
 
 pytestmark = pytest.mark.slow
 

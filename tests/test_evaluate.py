@@ -14,10 +14,10 @@ from helpers import build_checkpoint, corpus_config, make_corpus, synthetic_pair
 
 from mt.cli import main
 from mt.config import load_config
-from mt.dataset import load_prepared
-from mt.evaluate import evaluate_checkpoint, score
-from mt.prepare import prepare
-from mt.translator import Translator
+from mt.data.dataset import load_prepared
+from mt.data.prepare import prepare
+from mt.translate.evaluate import evaluate_checkpoint, score
+from mt.translate.translator import Translator
 
 
 @pytest.fixture(scope="module")

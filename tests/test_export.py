@@ -46,9 +46,9 @@ from mt.errors import ExportError
 from mt.export import MANIFEST, read_manifest
 from mt.export.ct2 import check_expressible, transformer_spec_of, write_ctranslate2
 from mt.export.ct2_translator import CT2Translator
-from mt.lines import max_output_length
 from mt.special import BOS, EOS, PAD, UNK
-from mt.translator import Translator, pad_sources
+from mt.translate.lines import max_output_length
+from mt.translate.translator import Translator, pad_sources
 
 SOURCES = synthetic_pairs(40, seed=7)[0]
 

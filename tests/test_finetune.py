@@ -13,10 +13,10 @@ from helpers import MULTI30K, REPO, corpus_files, error_line, multi30k_lines
 
 from mt.cli import main
 from mt.config import load_config
-from mt.dataset import load_prepared
+from mt.data.dataset import load_prepared
+from mt.data.prepare import prepare
 from mt.errors import CheckpointError
-from mt.prepare import prepare
-from mt.trainer import train
+from mt.train.trainer import train
 
 # The tiny experiment, quick to validate: loss only, on all of Multi30k's validation split.
 TINY = ["train.valid_bleu=false", "train.max_steps=60", "train.valid_every=30", "train.keep_last=0"]

@@ -11,14 +11,14 @@ from helpers import build_checkpoint, corpus_config
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from mt import sources
 from mt.cli import main
 from mt.config import load_config
-from mt.dataset import load_prepared
+from mt.data import sources
+from mt.data.dataset import load_prepared
+from mt.data.prepare import prepare
 from mt.errors import MTError
 from mt.files import decode_lines
-from mt.prepare import prepare
-from mt.translator import Translator, translate_lines
+from mt.translate.translator import Translator, translate_lines
 
 FAST = settings(
     max_examples=30,

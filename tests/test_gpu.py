@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from mt.config import ModelConfig
-from mt.loss import label_smoothed_nll
 from mt.model import Transformer
-from mt.search import greedy
 from mt.special import BOS, EOS
+from mt.train.loss import label_smoothed_nll
+from mt.translate.search import greedy
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -11,7 +11,7 @@ import pytest
 from helpers import REPO, corpus_config, make_corpus, subprocess_env
 
 from mt.config import load_config
-from mt.prepare import prepare
+from mt.data.prepare import prepare
 
 pytestmark = pytest.mark.slow
 WITHOUT_DATASETS = Path(__file__).with_name("without_datasets.py")

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mt.loss import label_smoothed_nll
 from mt.special import PAD
+from mt.train.loss import label_smoothed_nll
 
 
 def _example():

@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from mt.prefetch import Prefetcher
+from mt.train.prefetch import Prefetcher
 
 
 def test_items_come_in_order_each_with_what_was_made_of_it():

@@ -30,9 +30,9 @@ from helpers import (
 
 from mt.cli import main
 from mt.config import load_config
-from mt.dataset import load_prepared
+from mt.data.dataset import load_prepared
+from mt.data.prepare import is_up_to_date, prepare
 from mt.errors import DataError
-from mt.prepare import is_up_to_date, prepare
 
 
 def _prepare(tmp_path, corpus, *overrides):
@@ -196,7 +196,7 @@ def test_failure_keeps_previous_cache(tmp_path, monkeypatch):
     corpus = make_corpus(tmp_path / "corpus")
     cfg, out = _prepare(tmp_path, corpus)
     old = json.loads((out / "meta.json").read_text())["fingerprint"]
-    import mt.prepare as prep
+    import mt.data.prepare as prep
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
@@ -220,7 +220,7 @@ def test_a_full_disk_while_preparing_is_one_line_and_keeps_the_cache(tmp_path, m
 
     overrides = ["data.vocab_size=50"]
     if where == "our arrays":
-        monkeypatch.setattr("mt.prepare._write_arrays", full)
+        monkeypatch.setattr("mt.data.prepare._write_arrays", full)
     else:  # the Arrow files `datasets` writes for a hub data set it loads
         monkeypatch.setattr(datasets.arrow_writer.ArrowWriter, "write_table", full)
         overrides += [f"data.hub={_hub_layout(tmp_path / 'hub')}", "data.local_dir=null"]
@@ -504,8 +504,8 @@ def test_chunked_encoding_in_worker_processes_writes_the_same_cache(tmp_path, mo
     corpus = make_corpus(tmp_path / "corpus", n_train=400)
     # num_proc also sets SentencePiece's threads, on which its model depends: the same for both.
     _, whole = _prepare(tmp_path / "whole", corpus, "data.num_proc=2")
-    monkeypatch.setattr("mt.prepare.CHUNK", 7)  # many chunks, the last one short
-    monkeypatch.setattr("mt.prepare.POOL_FROM", 100)  # the training split goes to two workers
+    monkeypatch.setattr("mt.data.prepare.CHUNK", 7)  # many chunks, the last one short
+    monkeypatch.setattr("mt.data.prepare.POOL_FROM", 100)  # the training split goes to two workers
     _, chunked = _prepare(tmp_path / "chunked", corpus, "data.num_proc=2")
     assert _cache_files(chunked) == _cache_files(whole)
 
@@ -513,8 +513,8 @@ def test_chunked_encoding_in_worker_processes_writes_the_same_cache(tmp_path, mo
 def test_a_fast_reader_never_queues_more_than_two_chunks_per_worker():
     from helpers import tiny_spm
 
-    from mt.prepare import _encoded, _Encoder
-    from mt.tokenizer import Tokenizer
+    from mt.data.prepare import _encoded, _Encoder
+    from mt.data.tokenizer import Tokenizer
 
     pulled = []
 
@@ -532,7 +532,7 @@ def test_a_fast_reader_never_queues_more_than_two_chunks_per_worker():
 
 
 def test_sentencepiece_learns_from_a_bounded_sample_of_the_training_pairs(tmp_path, monkeypatch):
-    import mt.prepare as prep
+    import mt.data.prepare as prep
 
     seen: list[list[str]] = []
     real = prep.train_spm

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mt.config import TrainConfig
-from mt.schedule import lr_at, set_lr
+from mt.train.schedule import lr_at, set_lr
 
 
 def test_inverse_sqrt():

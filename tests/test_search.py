@@ -1,4 +1,4 @@
-"""Tests of mt.search on tiny seeded models (a tiny model is trained once, in ~2 s)."""
+"""Tests of mt.translate.search on tiny seeded models (a tiny model is trained once, in ~2 s)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_agree_up_to_near_ties, divergence_gap
 
-from mt import search
 from mt.config import ModelConfig
 from mt.model import Transformer
-from mt.search import Hypothesis, beam_search, greedy, max_lengths
 from mt.special import BOS, EOS, PAD
+from mt.translate import search
+from mt.translate.search import Hypothesis, beam_search, greedy, max_lengths
 
 V = 19
 

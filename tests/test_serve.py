@@ -20,10 +20,10 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import error_line, free_port, post, start_server, synthetic_pairs
 
-from mt.app import create_app
 from mt.errors import MTError
-from mt.serve import Batcher, Busy, LocalEngine, ServeLimits
-from mt.translator import Translator
+from mt.serve.app import create_app
+from mt.serve.batcher import Batcher, Busy, LocalEngine, ServeLimits
+from mt.translate.translator import Translator
 
 SRC, _ = synthetic_pairs(8, seed=21)
 LIMITS = ServeLimits(max_lines=8, max_chars=200, max_queued_lines=16)
@@ -107,7 +107,7 @@ def test_health_schema_and_an_offline_page(client):
 
 
 def test_attention_gives_one_layer_and_head_or_their_mean_in_compact_numbers(client, translator):
-    from mt.alignment import translate_and_attend
+    from mt.translate.alignment import translate_and_attend
 
     ((text, attn),) = translate_and_attend(translator, [SRC[0]], 2)
     for layer, head in (("mean", "mean"), (0, 1), (0, "mean")):
@@ -521,7 +521,7 @@ def test_a_model_that_cannot_honour_its_beam_search_is_refused_when_it_loads(che
 
 
 def test_the_decoder_process_answers_as_the_checkpoint_and_is_replaced_when_it_dies(checkpoint, translator):
-    from mt.decoder_process import ProcessEngine
+    from mt.serve.decoder_process import ProcessEngine
 
     engine = ProcessEngine(checkpoint, "cpu", None)
     try:
@@ -546,7 +546,7 @@ def test_the_decoder_process_answers_as_the_checkpoint_and_is_replaced_when_it_d
 
 
 def test_a_client_that_does_not_read_its_answer_is_let_go_after_the_body_timeout(caplog):
-    from mt.app import Guard
+    from mt.serve.app import Guard
 
     async def app(scope, receive, send) -> None:
         await receive()

@@ -23,14 +23,14 @@ from helpers import (
     write_lines,
 )
 
-from mt.batching import Mixture, TokenBatcher
 from mt.cli import main
 from mt.config import DataConfig, SourceConfig, load_config
-from mt.dataset import load_prepared
+from mt.data.dataset import load_prepared
+from mt.data.prepare import fingerprint, prepare
+from mt.data.sources import inputs_reachable
 from mt.errors import CheckpointError, DataError
-from mt.prepare import fingerprint, prepare
-from mt.sources import inputs_reachable
-from mt.trainer import train
+from mt.train.batching import Mixture, TokenBatcher
+from mt.train.trainer import train
 
 PARQUET = "refs/convert/parquet"
 

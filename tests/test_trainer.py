@@ -33,15 +33,15 @@ from helpers import (
     synthetic_pairs,
 )
 
-import mt.average
 import mt.checkpoint as ckpt_mod
-import mt.trainer as trainer_mod
+import mt.train.average
+import mt.train.trainer as trainer_mod
 from mt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 from mt.cli import main
 from mt.config import load_config
+from mt.data.prepare import cache_lock, prepare
 from mt.errors import CheckpointError, DataError, MTError
-from mt.prepare import cache_lock, prepare
-from mt.trainer import train
+from mt.train.trainer import train
 
 # `corpus` and `prepared_dir` are conftest's, shared by the module (read only).
 
@@ -217,7 +217,7 @@ def test_the_end_checkpoints_are_averaged_validated_and_the_better_one_is_final(
 def test_an_average_worse_than_the_best_on_the_validation_set_is_said_and_not_final(
     tmp_path, corpus, monkeypatch, capsys
 ):
-    real = mt.average.average_checkpoints
+    real = mt.train.average.average_checkpoints
 
     def ruined(paths, output, quiet=False):  # an average that has lost what the model learned
         real(paths, output, quiet)
@@ -226,7 +226,7 @@ def test_an_average_worse_than_the_best_on_the_validation_set_is_said_and_not_fi
         ck["model"] = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in ck["model"].items()}
         save_checkpoint(output, ck)
 
-    monkeypatch.setattr(mt.average, "average_checkpoints", ruined)
+    monkeypatch.setattr(mt.train.average, "average_checkpoints", ruined)
     cfg = _cfg(tmp_path, corpus, "train.max_steps=8", "train.valid_every=2", "train.keep_last=4",
                "train.best_metric=loss", "train.valid_bleu=false")
     result = train(cfg)

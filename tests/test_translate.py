@@ -22,8 +22,8 @@ from mt.cli import main
 from mt.config import DecodeConfig
 from mt.errors import DataError
 from mt.files import decode_lines
-from mt.search import greedy
-from mt.translator import Translator, cpu_workers, format_nbest, one_line, translate_ids
+from mt.translate.search import greedy
+from mt.translate.translator import Translator, cpu_workers, format_nbest, one_line, translate_ids
 
 # `checkpoint` is conftest's tiny trained checkpoint, shared by the session (read only).
 
@@ -417,7 +417,7 @@ def test_an_error_on_a_thread_stops_the_rest(translator, monkeypatch):
         time.sleep(1.0)  # while the main thread stops the pool
         return [[] for _ in range(src.size(0))]
 
-    monkeypatch.setattr("mt.translator.greedy", failing)
+    monkeypatch.setattr("mt.translate.translator.greedy", failing)
     monkeypatch.setattr(translator.config.decode, "inter_threads", 2)
     seqs = _ids(translator, 40)
     with pytest.raises(RuntimeError, match="boom"):
@@ -435,7 +435,7 @@ def test_each_thread_gets_its_share_and_the_count_is_restored(translator, monkey
         seen.append(torch.get_num_threads())
         return greedy(model, src, **kw)
 
-    monkeypatch.setattr("mt.translator.greedy", counting)
+    monkeypatch.setattr("mt.translate.translator.greedy", counting)
     seqs = _ids(translator, 24)
     torch.set_num_threads(2)
     try:

@@ -2,7 +2,7 @@
 validation and test scores with paired bootstrap resampling against the first; optionally the
 validation curves overlaid (--output) and JSON for scripts (--json).
 
-See mt.compare for what is read, checked and computed.
+See mt.train.compare for what is read, checked and computed.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-from mt.compare import Comparison, compare, curves, table, to_html, to_json
 from mt.errors import MTError
 from mt.files import AtomicFile
-from mt.plot import FIGURE_FORMATS, check_plotting, validation_figure
+from mt.train.compare import Comparison, compare, curves, table, to_html, to_json
+from mt.train.plot import FIGURE_FORMATS, check_plotting, validation_figure
 
 OUTPUT_SUFFIXES = (*(f".{f}" for f in FIGURE_FORMATS), ".html")
 

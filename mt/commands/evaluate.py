@@ -1,7 +1,7 @@
 """The `mt evaluate` command: score a checkpoint (or, with --model, a CTranslate2 export) on a
 prepared split or on a pair of files.
 
-See mt.evaluate for what is computed and written.
+See mt.translate.evaluate for what is computed and written.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Any
 
 from mt.commands.translate import check_options
 from mt.errors import CheckpointError, DataError, MTError
-from mt.evaluate import evaluate_checkpoint, evaluate_export, report
 from mt.files import STDIO, read_lines
+from mt.translate.evaluate import evaluate_checkpoint, evaluate_export, report
 
 
 def _prepared_split(config: str, cfg: Any, split: str) -> tuple[list[str], list[str]]:
     """Raw source and reference lines of a prepared split, with errors that say what to run."""
-    from mt.dataset import load_prepared
+    from mt.data.dataset import load_prepared
 
     directory = cfg.prepared_dir
     if not (directory / "meta.json").is_file():

@@ -1,6 +1,6 @@
-"""The `mt serve` command: load a checkpoint or an export, then serve it over HTTP (see mt.serve).
+"""The `mt serve` command: load a checkpoint or an export, then serve it over HTTP (see mt.serve.batcher).
 
-A checkpoint decodes in a decoder process of its own (mt.decoder_process; `--decoder thread`
+A checkpoint decodes in a decoder process of its own (mt.serve.decoder_process; `--decoder thread`
 keeps it in the server's process, as before, for comparison); a CTranslate2 export decodes in
 a thread of the server's process, and the server never imports torch.
 """
@@ -16,7 +16,7 @@ from mt.errors import MTError
 
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
     """One option per ServeLimits field, with its default from there."""
-    from mt.serve import ServeLimits
+    from mt.serve.batcher import ServeLimits
 
     for f in dataclasses.fields(ServeLimits):
         parser.add_argument(
@@ -29,14 +29,14 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_cli(args: argparse.Namespace) -> None:
-    """`mt serve`: see mt/serve.py."""
+    """`mt serve`: see mt/serve/batcher.py."""
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:  # checked first, so that a missing extra is one line
         raise MTError(
             f"mt serve needs the `serve` extra ({', '.join(missing)} missing): pip install -e '.[serve]'"
         )
-    from mt.app import serve
-    from mt.serve import LocalEngine, ServeLimits
+    from mt.serve.app import serve
+    from mt.serve.batcher import LocalEngine, ServeLimits
 
     if not 0 <= args.port <= 65535:
         raise MTError(f"--port {args.port}: a port is a number from 0 to 65535")
@@ -63,13 +63,13 @@ def serve_cli(args: argparse.Namespace) -> None:
         engine = LocalEngine(translator)
     elif args.decoder == "thread":
         from mt.device import pick_device
-        from mt.translator import Translator
+        from mt.translate.translator import Translator
 
         engine = LocalEngine(
             Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision)
         )
     else:
-        from mt.decoder_process import ProcessEngine
+        from mt.serve.decoder_process import ProcessEngine
 
         engine = ProcessEngine(args.checkpoint, args.device, args.precision)
     print(f"mt serve: {args.checkpoint or args.model}; http://{args.host}:{args.port}/", flush=True)

@@ -1,6 +1,6 @@
 """The `mt translate` command: raw text in, translations out, one line per line.
 
-The model is a checkpoint (--checkpoint, run by PyTorch: mt.translator) or a CTranslate2
+The model is a checkpoint (--checkpoint, run by PyTorch: mt.translate.translator) or a CTranslate2
 export (--model DIR, run by CTranslate2 without loading torch: mt.export.ct2_translator);
 everything below holds for both.
 
@@ -14,7 +14,7 @@ The contract is N lines in, N lines out, in order, whatever the lines contain:
 * Output lines never contain "\\n" or "\\r": a hypothesis containing one gets a
   space instead, so the output can always be split back into N lines.
 * With --alignment each output line is followed by a tab and its word alignment, as
-  fairseq prints it: `i-j` pairs, source word i aligned to target word j (mt.alignment).
+  fairseq prints it: `i-j` pairs, source word i aligned to target word j (mt.translate.alignment).
 * With --nbest K > 1 each input line still gives one output line, made of K
   tab-separated (hypothesis, score) pairs: `hyp1<TAB>score1<TAB>hyp2<TAB>score2 ...`
   (tabs inside a hypothesis become spaces). An empty input line gives an empty line.
@@ -42,7 +42,7 @@ from mt.errors import MTError
 from mt.files import STDIO, AtomicFile, decode_lines, read_lines, read_stdin
 
 if TYPE_CHECKING:  # torch is imported only when a checkpoint is loaded: errors in options come fast
-    from mt.lines import TextTranslator
+    from mt.translate.lines import TextTranslator
 
 
 # --------------------------------------------------------------------------- writing
@@ -68,11 +68,11 @@ def _output_lines(
 ) -> list[str]:
     """One output line per input line: the translation(s), and with --alignment a tab and the
     word alignment (fairseq's `i-j` pairs); a blank line gives a blank line."""
-    from mt.lines import one_line, translate_lines
+    from mt.translate.lines import one_line, translate_lines
 
     if not args.alignment:
         return translate_lines(translator, lines, args.beam, args.nbest, args.max_tokens, progress=progress)
-    from mt.alignment import format_pairs, translate_and_attend
+    from mt.translate.alignment import format_pairs, translate_and_attend
 
     out = translate_and_attend(translator, lines, args.beam)
     return [f"{one_line(text)}\t{format_pairs(attn.pairs)}" if attn else "" for text, attn in out]
@@ -115,7 +115,7 @@ def load_translator(args: argparse.Namespace) -> TextTranslator:
 
         return CT2Translator.from_export(args.model, args.device, compute_type=args.compute_type)
     from mt.device import pick_device
-    from mt.translator import Translator
+    from mt.translate.translator import Translator
 
     return Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision)
 

@@ -38,7 +38,7 @@ from mt.errors import ConfigError, ExportError, MTError
 from mt.files import file_above, remove_stale, replace_dir, temp_path, write_atomic
 
 if TYPE_CHECKING:  # torch is imported only when a checkpoint is loaded
-    from mt.translator import Translator
+    from mt.translate.translator import Translator
 
 INSTALL = "pip install -e '.[export]'"  # what installs the extra, in a checkout of this repository
 MANIFEST = "mt_export.json"
@@ -67,7 +67,7 @@ def require(module: str, what: str) -> ModuleType:
 
 def load_checkpoint_model(checkpoint: str | Path) -> Translator:
     """The checkpoint's model (fp32, on the CPU, eval mode), tokenizer and config."""
-    from mt.translator import Translator
+    from mt.translate.translator import Translator
 
     return Translator.from_checkpoint(checkpoint, "cpu", "fp32")
 

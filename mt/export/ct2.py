@@ -16,8 +16,8 @@ writes it. How our model maps onto the spec (mt/model.py):
   CTranslate2 stores once (its converter aliases equal variables).
 * special ids: the pieces of our SentencePiece model at UNK 1, BOS 2 and EOS 3 become its
   unk, bos (= decoder start) and eos tokens, and `add_source_eos` appends EOS to every source
-  as mt.translator does; PAD 0 needs no name (CTranslate2 masks padding by length).
-  Decoding suppresses PAD and BOS, as mt.search does (ct2_translator.py).
+  as mt.translate.translator does; PAD 0 needs no name (CTranslate2 masks padding by length).
+  Decoding suppresses PAD and BOS, as mt.translate.search does (ct2_translator.py).
 
 Our layer norms' epsilon goes into the config. Everything our ModelConfig can describe maps;
 what cannot (an activation CTranslate2 lacks, weights beyond float16's range for
@@ -35,6 +35,7 @@ from ctranslate2.specs import common_spec, transformer_spec
 from torch import nn
 
 from mt.config import Config
+from mt.data.tokenizer import Tokenizer
 from mt.errors import ExportError
 from mt.export import (
     Manifest,
@@ -46,7 +47,6 @@ from mt.export import (
 )
 from mt.model import Transformer
 from mt.special import BOS, EOS, PAD, UNK
-from mt.tokenizer import Tokenizer
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16")
 ACTIVATIONS = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU}
@@ -136,7 +136,7 @@ def transformer_spec_of(model: Transformer, tokenizer: Tokenizer) -> transformer
     config.eos_token = tgt.id_to_piece(EOS)
     config.decoder_start_token = tgt.id_to_piece(BOS)
     config.add_source_bos = False
-    config.add_source_eos = True  # EOS ends every source (mt.translator.pad_sources)
+    config.add_source_eos = True  # EOS ends every source (mt.translate.translator.pad_sources)
     config.layer_norm_epsilon = model.encoder[0].attn_norm.eps
     return spec
 

@@ -1,22 +1,22 @@
 """Translating with a CTranslate2 export: `mt translate --model DIR`, under a checkpoint's contract.
 
-`CT2Translator` is to a CTranslate2 export what mt.translator.Translator is to a checkpoint,
+`CT2Translator` is to a CTranslate2 export what mt.translate.translator.Translator is to a checkpoint,
 with the same `translate_nbest` / `translate`, so `mt translate` keeps its contract through
-mt.lines (N lines in, N lines out, in order, blank lines kept, over-long lines cut with a
+mt.translate.lines (N lines in, N lines out, in order, blank lines kept, over-long lines cut with a
 warning) and its errors. It never imports torch: the export runs on CTranslate2 alone.
 
 Decoding follows the export's decode settings (the checkpoint's), as CTranslate2 can express
-them: PAD and BOS are suppressed and `min_len` holds as in mt.search; beam scores are
+them: PAD and BOS are suppressed and `min_len` holds as in mt.translate.search; beam scores are
 normalised by len**alpha with EOS counted, as decode.length_penalty "fairseq" (GNMT's penalty
 has no CTranslate2 equivalent: `mt export` refuses it, and beam search with an export that
 holds it is an error). `compute_type` is CTranslate2's (e.g. float16 for a float32 export on a
 GPU). Lengths: CTranslate2 takes one maximum per batch, so each batch gets its longest
-sentence's limit and every output is cut to its own sentence's (mt.lines.max_output_length).
+sentence's limit and every output is cut to its own sentence's (mt.translate.lines.max_output_length).
 For greedy search that gives mt's output token for token (greedy outputs are prefixes of longer
 runs); beam search differs where CTranslate2 stops (as soon as `beam` hypotheses have ended)
 before an unfinished hypothesis would have won.
 
-Batches are cut as Translator cuts them (mt.lines) and, on a CPU, decoded side by side by
+Batches are cut as Translator cuts them (mt.translate.lines) and, on a CPU, decoded side by side by
 CTranslate2's `inter_threads` workers, one batch each, on `intra_threads` threads: W workers
 (decode.inter_threads, 0 = one per core) with cores / W threads each.
 """
@@ -34,11 +34,11 @@ import numpy as np
 from tqdm import tqdm
 
 from mt.config import Config
+from mt.data.tokenizer import Tokenizer
 from mt.errors import ExportError, MTError
 from mt.export import read_manifest, require
-from mt.lines import batch_budget, encode_lines, length_batches, longest_first, max_output_length
 from mt.special import BOS, PAD
-from mt.tokenizer import Tokenizer
+from mt.translate.lines import batch_budget, encode_lines, length_batches, longest_first, max_output_length
 
 if TYPE_CHECKING:  # an optional dependency (the export extra), imported when a model loads
     import ctranslate2
@@ -191,7 +191,7 @@ class CT2Translator:
     ) -> list[list[Output]]:
         """Translate token-id sequences (no specials); `nbest` (ids, score) per input, in order.
 
-        Batches are cut as mt.translator.Translator cuts them and submitted to CTranslate2's
+        Batches are cut as mt.translate.translator.Translator cuts them and submitted to CTranslate2's
         workers, the longest first; each worker has one running and at most one waiting, so
         that Ctrl-C stops the run after the batches already submitted.
         """

@@ -29,7 +29,7 @@ a pre-norm model whose encoder has its own embedding (model.tie_embeddings false
 source and target vocabularies).
 
 Decoding settings go into `generation_config.json`: BOS starts the decoder, EOS ends, PAD and
-BOS are suppressed and EOS until decode.min_len, as in mt.search; greedy `generate()` then gives
+BOS are suppressed and EOS until decode.min_len, as in mt.translate.search; greedy `generate()` then gives
 our greedy output token for token (up to per-sentence length limits, which `generate()` lacks).
 """
 
@@ -56,6 +56,7 @@ from transformers import (
 )
 
 from mt.config import Config
+from mt.data.tokenizer import Tokenizer
 from mt.errors import ExportError
 from mt.export import (
     Manifest,
@@ -67,7 +68,6 @@ from mt.export import (
 )
 from mt.model import Transformer
 from mt.special import BOS, EOS, PAD, UNK
-from mt.tokenizer import Tokenizer
 
 
 def check_expressible(model: Transformer) -> None:
@@ -233,7 +233,7 @@ def generation_config(config: Config) -> GenerationConfig:
         # Transformers' beam scores divide by len**alpha, fairseq's penalty (decode_for_export
         # refuses GNMT's, which has no equivalent).
         length_penalty=d.alpha,
-        early_stopping=False,  # as mt.search: stop once no unfinished hypothesis can win
+        early_stopping=False,  # as mt.translate.search: stop once no unfinished hypothesis can win
     )
 
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mt.lines import max_output_length
 from mt.model import Transformer
 from mt.special import BOS, EOS, PAD
+from mt.translate.lines import max_output_length
 
 # Beam search splits batches so that one step scores at most this many (hypothesis, token)
 # pairs (rows * vocabulary): 6M float32 scores = 24 MB per (rows, V) tensor.

@@ -1,6 +1,6 @@
 """Lines in, lines out: what every translator shares, whatever runs the model.
 
-`mt translate` translates with a checkpoint (mt.translator.Translator, PyTorch) or with a
+`mt translate` translates with a checkpoint (mt.translate.translator.Translator, PyTorch) or with a
 CTranslate2 export (mt.export.ct2_translator.CT2Translator). Both keep one contract, which
 lives here so that neither can drift from it: source lines are stripped, encoded and cut to
 the model's length with a warning naming the line (`encode_lines`); sentences are sorted by
@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from mt.tokenizer import Tokenizer
+from mt.data.tokenizer import Tokenizer
 
 
 class TextTranslator(Protocol):

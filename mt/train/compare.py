@@ -31,9 +31,9 @@ from sacrebleu.significance import PairedTest
 
 from mt.config import Config, load_saved_config, to_dict
 from mt.errors import MTError
-from mt.evaluate import output_paths
 from mt.files import read_lines
-from mt.trainer import flatten
+from mt.train.trainer import flatten
+from mt.translate.evaluate import output_paths
 
 SIGNIFICANCE = 0.05  # sacreBLEU's threshold: a p-value below it is marked significant
 RESAMPLES = 1000  # sacreBLEU's default number of bootstrap resamples
@@ -224,7 +224,7 @@ def recorded_translations(run: Run, split: str, beam: int | None) -> Translation
 def translate_split(run: Run, split: str, beam: int | None, device: str | None) -> Translations:
     """Translate the prepared `split` with the run's checkpoint now, as `mt evaluate` does (the
     hypotheses and scores are written next to the checkpoint)."""
-    from mt.evaluate import evaluate_checkpoint
+    from mt.translate.evaluate import evaluate_checkpoint
 
     if not run.checkpoint.is_file():
         raise MTError(f"{run.label}: no checkpoint {run.checkpoint} to translate split '{split}' with")

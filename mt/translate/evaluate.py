@@ -35,7 +35,7 @@ from mt.errors import DataError
 from mt.files import write_atomic
 
 if TYPE_CHECKING:
-    from mt.lines import TextTranslator
+    from mt.translate.lines import TextTranslator
 
 
 def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def evaluate_checkpoint(
     only, not loading) and sentences_per_second.
     """
     from mt.device import pick_device
-    from mt.translator import Translator
+    from mt.translate.translator import Translator
 
     _check_lines(src_lines, ref_lines, name)
     if precision is None and decode is not None:
@@ -151,7 +151,7 @@ def _evaluate(
     write: bool,
     progress: bool,
 ) -> dict[str, Any]:
-    from mt.lines import translate_lines
+    from mt.translate.lines import translate_lines
 
     beam = beam or translator.config.decode.beam  # type: ignore[attr-defined]
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ Memory stays bounded whatever the corpus size: splits are read in chunks (source
 SentencePiece learns from a sample of at most data.spm_max_sentences sentences, and the
 encoded ids go to disk chunk by chunk. The training split of several sources is their
 cleaned pairs one source after the other; how an epoch mixes them is the trainer's
-(mt.batching.Mixture), so the weights are not part of the cache.
+(mt.train.batching.Mixture), so the weights are not part of the cache.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from typing import IO, Any
 import numpy as np
 from tqdm import tqdm
 
-from mt import sources
 from mt.checkpoint import load_checkpoint
 from mt.config import Config, DataConfig, save_config
+from mt.data import sources
+from mt.data.tokenizer import Tokenizer, load_processor, train_spm
 from mt.errors import CheckpointError, DataError
 from mt.files import DirectoryLock, remove_stale, replace_dir, temp_path
-from mt.tokenizer import Tokenizer, load_processor, train_spm
 
 # Bump when the cache layout or the processing changes, so old caches are rebuilt.
 PREPARE_VERSION = 3

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from mt.data.tokenizer import Tokenizer
 from mt.errors import DataError
-from mt.tokenizer import Tokenizer
 
 
 class PreparedSplit:

@@ -1,7 +1,7 @@
 """`mt serve`: translations over HTTP, and a page that shows what the model attends to.
 
 This module holds the serving machinery (limits, the engines that decode, the batcher);
-mt/app.py the HTTP side (the app, its guards, the server); mt/decoder_process.py the decoder
+mt/serve/app.py the HTTP side (the app, its guards, the server); mt/serve/decoder_process.py the decoder
 process that runs a checkpoint.
 
     mt serve --checkpoint runs/multi30k_de_en/checkpoint_best.pt [--host 127.0.0.1] [--port 8000]
@@ -51,11 +51,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mt.config import Config
+from mt.data.tokenizer import Tokenizer
 from mt.errors import MTError
-from mt.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # torch is imported when a model is loaded, not when the CLI parses options
-    from mt.lines import TextTranslator
+    from mt.translate.lines import TextTranslator
 
 log = logging.getLogger("mt.serve")
 
@@ -143,7 +143,7 @@ def attention_body(
     """The JSON body of /attention: `translator`'s translation of `text`, its pieces, the cross-
     attention weights of one layer and head (None: their mean) with 3 decimals, and the word
     alignment. Built where the model runs (never on the event loop): it is the large part."""
-    from mt.alignment import translate_and_attend
+    from mt.translate.alignment import translate_and_attend
 
     ((translation, attn),) = translate_and_attend(translator, [text], beam)
     if attn is None:  # a blank line: app.py refuses those before they are queued

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mt.data.tokenizer import Tokenizer
 from mt.model import CrossAttention, Transformer
 from mt.special import BOS, EOS, PAD
-from mt.tokenizer import Tokenizer
-from mt.translator import Translator, pad_sources
+from mt.translate.translator import Translator, pad_sources
 
 WORD_START = "\u2581"  # SentencePiece's mark of a piece that begins a whitespace word
 

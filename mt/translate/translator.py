@@ -25,18 +25,18 @@ from tqdm import tqdm
 
 from mt.checkpoint import load_checkpoint
 from mt.config import Config, DecodeConfig, Precision, from_dict
+from mt.data.tokenizer import Tokenizer
 from mt.device import DTYPES, decode_precision, pick_device
 from mt.errors import CheckpointError
-from mt.lines import batch_budget, encode_lines, length_batches, longest_first
-
-# The output-line contract lives in mt.lines (no torch there); these names stay importable from here.
-from mt.lines import format_nbest as format_nbest
-from mt.lines import one_line as one_line
-from mt.lines import translate_lines as translate_lines
 from mt.model import Transformer
-from mt.search import Hypothesis, beam_search, greedy
 from mt.special import EOS, PAD
-from mt.tokenizer import Tokenizer
+from mt.translate.lines import batch_budget, encode_lines, length_batches, longest_first
+
+# The output-line contract lives in mt.translate.lines (no torch there); its names are importable here.
+from mt.translate.lines import format_nbest as format_nbest
+from mt.translate.lines import one_line as one_line
+from mt.translate.lines import translate_lines as translate_lines
+from mt.translate.search import Hypothesis, beam_search, greedy
 
 
 def pad_sources(seqs: list[np.ndarray], device: torch.device) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The HTTP side of `mt serve` (FastAPI on uvicorn): the endpoints, their errors, the guards
 that keep one client from hurting the others, the page, and the server.
 
-See mt/serve.py for what each endpoint does, the limits and the batching. Here:
+See mt/serve/batcher.py for what each endpoint does, the limits and the batching. Here:
 
 * `Guard`, an ASGI middleware, reads each body itself: over `max_body_bytes` it answers 413
   before parsing (at once from Content-Length, else as soon as the bytes read pass it), and
@@ -42,9 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from mt.errors import MTError
-from mt.serve import Batcher, DecoderFailure, Engine, RequestError, ServeLimits, as_engine
+from mt.serve.batcher import Batcher, DecoderFailure, Engine, RequestError, ServeLimits, as_engine
 
-PAGE = "serve_page.html"
+PAGE = "page.html"
 log = logging.getLogger("mt.serve")
 
 
@@ -319,7 +319,7 @@ def guarded_protocol(limits: ServeLimits) -> type:
 
 
 def create_app(engine: Engine | Any, limits: ServeLimits | None = None) -> FastAPI:
-    """The ASGI app for `engine` (a mt.serve Engine, or a translator, run in this process)."""
+    """The ASGI app for `engine` (a mt.serve.batcher Engine, or a translator, run in this process)."""
     limits = limits or ServeLimits()
     engine = as_engine(engine)
     config = engine.config
@@ -446,7 +446,7 @@ def create_app(engine: Engine | Any, limits: ServeLimits | None = None) -> FastA
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return resources.files("mt").joinpath(PAGE).read_text(encoding="utf-8")
+        return resources.files("mt.serve").joinpath(PAGE).read_text(encoding="utf-8")
 
     return app
 

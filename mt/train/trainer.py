@@ -30,9 +30,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mt.alignment import cross_attention
-from mt.batching import Batch, Mixture, TokenBatcher, make_batch
-from mt.board import TensorBoard
 from mt.checkpoint import (
     keep_last,
     load_checkpoint,
@@ -43,19 +40,22 @@ from mt.checkpoint import (
     step_checkpoints,
 )
 from mt.config import Config, save_config, to_dict
-from mt.dataset import Prepared, PreparedSplit, load_prepared
+from mt.data.dataset import Prepared, PreparedSplit, load_prepared
+from mt.data.prepare import is_up_to_date, prepare, pretrained_vocab, read_meta
+from mt.data.sources import inputs_reachable, source_configs
 from mt.device import decode_precision, pick_device, train_autocast_dtype
-from mt.distributed import Dist
 from mt.errors import CheckpointError, DataError, MTError
-from mt.evaluate import score
 from mt.files import DirectoryLock, remove_stale, temp_path, write_atomic
-from mt.loss import label_smoothed_nll
 from mt.model import Transformer
-from mt.prefetch import Prefetcher
-from mt.prepare import is_up_to_date, prepare, pretrained_vocab, read_meta
-from mt.schedule import lr_at, set_lr
-from mt.sources import inputs_reachable, source_configs
-from mt.translator import pad_sources, translate_ids
+from mt.train.batching import Batch, Mixture, TokenBatcher, make_batch
+from mt.train.board import TensorBoard
+from mt.train.distributed import Dist
+from mt.train.loss import label_smoothed_nll
+from mt.train.prefetch import Prefetcher
+from mt.train.schedule import lr_at, set_lr
+from mt.translate.alignment import cross_attention
+from mt.translate.evaluate import score
+from mt.translate.translator import pad_sources, translate_ids
 
 MAX_NONFINITE_IN_ROW = 5
 # What Trainer.update returns, on the device, in this order: per-token loss and nll, gradient
@@ -316,7 +316,7 @@ class Trainer:
 
     def _valid_split(self) -> PreparedSplit:
         """The validation split, which a cache used as it is (its corpus out of reach) may lack:
-        `mt prepare` refuses a corpus without one (mt.sources.no_valid_split says why)."""
+        `mt prepare` refuses a corpus without one (mt.data.sources.no_valid_split says why)."""
         if "valid" not in self.data.meta["splits"]:
             raise DataError(
                 f"data: the prepared data in {self.cfg.prepared_dir} has no 'valid' split; training needs "
@@ -916,7 +916,7 @@ def train(cfg: Config) -> dict[str, Any]:
     try:
         result = trainer.fit()
         if trainer.dist.is_main and result["stopped"] != "interrupted":
-            from mt.plot import plot_metrics
+            from mt.train.plot import plot_metrics
 
             plot_metrics(trainer.out / "metrics.jsonl", trainer.out / "curves.png")
             average = average_last(trainer)
@@ -947,7 +947,7 @@ def end_checkpoints(trainer: Trainer) -> list[Path]:
 def average_last(trainer: Trainer) -> dict[str, Any] | None:
     """Average the end checkpoints (end_checkpoints) into checkpoint_avg.pt and validate it as
     the run validates its checkpoints; None when there are fewer than two to average."""
-    from mt.average import average_checkpoints
+    from mt.train.average import average_checkpoints
 
     paths = end_checkpoints(trainer)
     if len(paths) < 2:
@@ -1000,7 +1000,7 @@ def choose_final(trainer: Trainer, average: dict[str, Any] | None) -> str | None
 
 def final_test(cfg: Config, trainer: Trainer, averaged: Path | None) -> dict[str, Any]:
     """Score the best (and averaged) checkpoint on the test split, beam and greedy; print all."""
-    from mt.evaluate import evaluate_checkpoint
+    from mt.translate.evaluate import evaluate_checkpoint
 
     if "test" not in trainer.data.meta["splits"] or not trainer.best_path.exists():
         return {}

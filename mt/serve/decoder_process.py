@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from mt.config import from_dict, to_dict
+from mt.data.tokenizer import Tokenizer
 from mt.errors import MTError
-from mt.serve import Busy, DecoderFailure, attention_body
-from mt.tokenizer import Tokenizer
+from mt.serve.batcher import Busy, DecoderFailure, attention_body
 
 log = logging.getLogger("mt.serve")
 
@@ -45,7 +45,7 @@ def _child(conn: Connection, checkpoint: str, device: str | None, precision: str
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         from mt.device import pick_device
-        from mt.translator import Translator
+        from mt.translate.translator import Translator
 
         translator = Translator.from_checkpoint(checkpoint, pick_device(device), precision)
     except MTError as e:
