@@ -1,6 +1,6 @@
 """`mt` with rank 1 raising in its second update: python rank_failure_driver.py MT-ARGS...
 
-Run under torchrun by tests/test_distributed.py, to show that a failing rank ends the job.
+Run under torchrun by tests/train/test_distributed.py, to show that a failing rank ends the job.
 """
 
 import sys
