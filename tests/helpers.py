@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -22,15 +23,22 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mt.checkpoint import save_checkpoint
+from mt.cli import main
 from mt.config import Config, DataConfig, DecodeConfig, ModelConfig, to_dict
 from mt.data.tokenizer import Tokenizer, train_spm
 from mt.model import Transformer
 from mt.special import BOS, EOS, PAD
+from mt.translate.translator import Translator, pad_sources
+
+if TYPE_CHECKING:  # CTranslate2 is the export extra's; its translator is imported where it runs
+    from mt.export.ct2_translator import CT2Translator
 
 REPO = Path(__file__).resolve().parent.parent
 MULTI30K = Path(os.environ.get("MT_MULTI30K", REPO.parent / "shared" / "corpora" / "multi30k"))
@@ -233,6 +241,41 @@ def assert_agree_up_to_near_ties(
     gaps = [divergence_gap(fp32_model, s, a, b) for s, a, b in zip(sources, outs_a, outs_b, strict=True)]
     assert max(gaps) <= NEAR_TIE, f"outputs part at a clear choice: fp32 log-prob gaps {gaps}"
     assert sum(g == 0.0 for g in gaps) >= min_equal, f"too many near ties to be chance: {gaps}"
+
+
+# --------------------------------------------------------------------------- exports
+
+SOURCES = synthetic_pairs(40, seed=7)[0]  # what the export tests translate
+
+
+def export(fmt: str, checkpoint: Path, out: Path, *extra: str) -> Path:
+    assert main(["export", fmt, "--checkpoint", str(checkpoint), "--output", str(out), *extra]) == 0
+    return out
+
+
+def source_ids(translator: Translator | CT2Translator, lines: list[str] = SOURCES) -> list[np.ndarray]:
+    return [np.asarray(s, dtype=np.int64) for s in translator.tokenizer.encode_src(lines)]
+
+
+def mt_greedy(translator: Translator, seqs: list[np.ndarray]) -> list[list[int]]:
+    return [h[0].tokens for h in translator.translate_ids(seqs, beam=1)]
+
+
+@torch.inference_mode()
+def mt_log_probs(
+    translator: Translator, seqs: list[np.ndarray], outputs: list[list[int]]
+) -> list[np.ndarray]:
+    """Our log-probability of every token of each output, its EOS included."""
+    out = []
+    for s, o in zip(seqs, outputs, strict=True):
+        logits = translator.model(pad_sources([s], torch.device("cpu")), torch.tensor([[BOS, *o]]))[0]
+        out.append(logits.log_softmax(-1)[torch.arange(len(o) + 1), torch.tensor([*o, EOS])].numpy())
+    return out
+
+
+def readme_example(readme: str) -> str:
+    (code,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    return code
 
 
 # --------------------------------------------------------------------------- the CLI's errors
