@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,9 +32,12 @@ import torch.nn.functional as F
 
 from mt.checkpoint import save_checkpoint
 from mt.cli import main
-from mt.config import Config, DataConfig, DecodeConfig, ModelConfig, to_dict
+from mt.config import Config, DataConfig, DecodeConfig, ModelConfig, load_config, to_dict
+from mt.data.prepare import prepare
 from mt.data.tokenizer import Tokenizer, train_spm
+from mt.errors import MTError
 from mt.model import Transformer
+from mt.serve.batcher import LocalEngine, ServeLimits
 from mt.special import BOS, EOS, PAD
 from mt.translate.translator import Translator, pad_sources
 
@@ -126,6 +130,12 @@ def corpus_config(tmp_path: Path, corpus: Path, **extra: object) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
 
+
+
+def prepare_corpus(tmp_path: Path, corpus: Path, *overrides: str) -> tuple[Config, Path]:
+    """Prepare the tiny experiment of corpus_config over `corpus`: its config and prepare's summary."""
+    cfg = load_config(corpus_config(tmp_path, corpus), list(overrides))
+    return cfg, prepare(cfg, quiet=True)
 
 # --------------------------------------------------------------------------- a tiny checkpoint
 
@@ -241,6 +251,48 @@ def assert_agree_up_to_near_ties(
     gaps = [divergence_gap(fp32_model, s, a, b) for s, a, b in zip(sources, outs_a, outs_b, strict=True)]
     assert max(gaps) <= NEAR_TIE, f"outputs part at a clear choice: fp32 log-prob gaps {gaps}"
     assert sum(g == 0.0 for g in gaps) >= min_equal, f"too many near ties to be chance: {gaps}"
+
+
+SERVE_SRC = synthetic_pairs(8, seed=21)[0]  # what the serve tests translate
+SERVE_LIMITS = ServeLimits(max_lines=8, max_chars=200, max_queued_lines=16)
+
+
+class SwitchEngine:
+    """The test translator behind a switch: decoding waits for `go`, lines containing BAD raise,
+    lines containing MT raise an MTError; every decoded line is recorded."""
+
+    def __init__(self, translator: Translator) -> None:
+        self.inner = LocalEngine(translator)
+        self.config, self.tokenizer, self.device, self.attention = (
+            translator.config,
+            translator.tokenizer,
+            "cpu",
+            True,
+        )
+        self.go = threading.Event()
+        self.go.set()
+        self.decoded: list[str] = []
+        self.aborted = False
+
+    def translate_nbest(self, lines, beam, nbest):
+        assert self.go.wait(30)
+        if any("BAD" in line for line in lines):
+            raise RuntimeError("a bug met a bad line")
+        if any("MT" in line for line in lines):
+            raise MTError("decode.something: this engine cannot do that")
+        self.decoded += lines
+        return self.inner.translate_nbest(lines, beam, nbest)
+
+    def attention_body(self, text, beam, layer, head):
+        return self.inner.attention_body(text, beam, layer, head)
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.go.set()
+
 
 
 # --------------------------------------------------------------------------- exports
