@@ -51,11 +51,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="mt", description="Machine translation: prepare data, train, translate, evaluate."
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help in COMMANDS.items():
+    for name, line in COMMANDS.items():
         if name == command:
             importlib.import_module(f"mt.commands.{name}").add_parser(sub)
         else:
-            sub.add_parser(name, help=help)
+            sub.add_parser(name, help=line)
     return p
 
 
