@@ -10,10 +10,35 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mt.commands.translate import check_options
+from mt.commands.options import COMPUTE_TYPE_HELP, OVERRIDES_HELP, PRECISION_HELP, PRECISIONS, check_options
 from mt.errors import CheckpointError, DataError, MTError
 from mt.files import STDIO, read_lines
-from mt.translate.evaluate import evaluate_checkpoint, evaluate_export, report
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "evaluate",
+        description="Either `mt evaluate CONFIG [--split test]` (the experiment's best checkpoint on a "
+        "prepared split) or `mt evaluate --checkpoint CK --src FILE --ref FILE`; --model DIR scores a "
+        "CTranslate2 export instead. Writes hypotheses and a JSON of the scores next to the checkpoint "
+        "(or the export directory).",
+    )
+    p.add_argument("config", nargs="?", help="experiment YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    scored = p.add_mutually_exclusive_group()
+    scored.add_argument("--checkpoint", help="checkpoint (default: <out_dir>/checkpoint_best.pt)")
+    scored.add_argument(
+        "--model", metavar="DIR", help="a CTranslate2 export (mt export ctranslate2), scored with CTranslate2"
+    )
+    p.add_argument("--split", default="test", help="prepared split to score (default: test)")
+    p.add_argument("--src", help="source text file; - reads stdin")
+    p.add_argument("--ref", help="reference text file; - reads stdin (not both)")
+    p.add_argument("--beam", type=int, help="beam size (default: the config's decode.beam)")
+    p.add_argument("--max-tokens", type=int, help="source tokens per batch")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--compute-type", metavar="TYPE", help=COMPUTE_TYPE_HELP)
+    return p
 
 
 def _prepared_split(config: str, cfg: Any, split: str) -> tuple[list[str], list[str]]:
@@ -36,9 +61,10 @@ def _prepared_split(config: str, cfg: Any, split: str) -> tuple[list[str], list[
     return data.text(split, "src"), data.text(split, "tgt")
 
 
-def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
-    """`mt evaluate`: see the module docstring. Prints the scores; returns evaluate_checkpoint's dict."""
+def run(args: argparse.Namespace) -> int:
+    """`mt evaluate`: see the module docstring. Prints the scores."""
     from mt.config import load_config
+    from mt.translate.evaluate import evaluate_checkpoint, evaluate_export, report
 
     files = args.src is not None or args.ref is not None
     if files and (args.src is None or args.ref is None):
@@ -93,4 +119,4 @@ def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
     else:
         result = evaluate_checkpoint(*common, decode=decode, precision=args.precision, progress=True)
     print(report(result))
-    return result
+    return 0

@@ -11,7 +11,36 @@ import argparse
 import dataclasses
 import importlib.util
 
+from mt.commands.options import COMPUTE_TYPE_HELP, PRECISION_HELP, PRECISIONS
 from mt.errors import MTError
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve",
+        description="POST /translate, POST /attention, GET /health, GET / (the page). Concurrent requests "
+        "are translated together; errors are JSON (400, 408, 413, 422, 429, 503, 504). Put a reverse "
+        "proxy in front of any bind other than loopback.",
+    )
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="checkpoint file (.pt)")
+    model.add_argument(
+        "--model", help="a CTranslate2 export (mt export ctranslate2): /translate only, no /attention"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--compute-type", metavar="TYPE", help=COMPUTE_TYPE_HELP)
+    p.add_argument(
+        "--decoder",
+        choices=["process", "thread"],
+        default="process",
+        help="with --checkpoint: decode in a process of its own (default; batches grow with the load) "
+        "or in a thread of the server's process (the event loop then shares its GIL)",
+    )
+    add_limit_options(p)
+    return p
 
 
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +57,7 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def serve_cli(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     """`mt serve`: see mt/serve/batcher.py."""
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:  # checked first, so that a missing extra is one line
@@ -79,3 +108,4 @@ def serve_cli(args: argparse.Namespace) -> None:
             f"{abandoned} request(s) were still pending at the drain deadline ({limits.drain_timeout_s:g} s, "
             f"--drain-timeout-s) and were answered 503"
         )
+    return 0

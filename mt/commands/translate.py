@@ -38,6 +38,7 @@ import contextlib
 import sys
 from typing import TYPE_CHECKING
 
+from mt.commands.options import COMPUTE_TYPE_HELP, PRECISION_HELP, PRECISIONS, check_options
 from mt.errors import MTError
 from mt.files import STDIO, AtomicFile, decode_lines, read_lines, read_stdin
 
@@ -98,14 +99,41 @@ def _interactive(translator: TextTranslator, args: argparse.Namespace) -> None:
         _write_stdout(_output_lines(translator, lines or [""], args, progress=False)[0] + "\n")
 
 
-def check_options(beam: int | None, max_tokens: int | None, nbest: int = 1) -> None:
-    """Range checks of decoding options given on the command line."""
-    if beam is not None and beam < 1:
-        raise MTError(f"--beam must be >= 1, got {beam}")
-    if nbest < 1:
-        raise MTError(f"--nbest must be >= 1, got {nbest}")
-    if max_tokens is not None and max_tokens < 1:
-        raise MTError(f"--max-tokens must be >= 1, got {max_tokens}")
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "translate",
+        description="Translate raw text, one sentence per line: N lines in, N lines out, in order. "
+        "Reads stdin and writes stdout unless --input/--output are given.",
+    )
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="checkpoint file (.pt)")
+    model.add_argument(
+        "--model",
+        metavar="DIR",
+        help="a CTranslate2 export (mt export ctranslate2), translated with CTranslate2: the same "
+        "contract, CTranslate2's speed",
+    )
+    p.add_argument("--input", help="input text file; - or none: stdin")
+    p.add_argument("--output", help="output file, written atomically; - or none: stdout")
+    p.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's decode.beam)")
+    p.add_argument("--nbest", type=int, default=1, help="print the K best, tab-separated with scores")
+    p.add_argument("--max-tokens", type=int, help="source tokens per batch (default: decode.max_tokens)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--compute-type", metavar="TYPE", help=COMPUTE_TYPE_HELP)
+    p.add_argument(
+        "--errors",
+        choices=["strict", "replace"],
+        default="strict",
+        help="undecodable UTF-8 input: stop with an error (strict) or replace the bad bytes",
+    )
+    p.add_argument(
+        "--alignment",
+        action="store_true",
+        help="append a tab and the word alignment from cross-attention: fairseq's i-j pairs "
+        "(source word i, target word j, whitespace words counted from 0)",
+    )
+    return p
 
 
 def load_translator(args: argparse.Namespace) -> TextTranslator:
@@ -120,7 +148,7 @@ def load_translator(args: argparse.Namespace) -> TextTranslator:
     return Translator.from_checkpoint(args.checkpoint, pick_device(args.device), args.precision)
 
 
-def translate_cli(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     """`mt translate`: see the module docstring."""
     check_options(args.beam, args.max_tokens, args.nbest)  # before any (slow) import of torch
     if args.model and args.precision:
@@ -157,10 +185,11 @@ def translate_cli(args: argparse.Namespace) -> None:
         translator = load_translator(args)
         if interactive:
             _interactive(translator, args)
-            return
+            return 0
         result = _output_lines(translator, lines, args, progress=True)
         text = "".join(line + "\n" for line in result)
         if out is not None:
             out.commit(text.encode("utf-8"))
         else:
             _write_stdout(text)
+    return 0
