@@ -221,8 +221,8 @@ class Guard:
                 await send_json(send, 400, error_body(400, "Content-Length: not a number"), close=True)
                 return None
             if int(declared) > limit:
-                message = f"body: {int(declared)} bytes (Content-Length); at most {limit}"
-                await send_json(send, 413, error_body(413, message), close=True)
+                text = f"body: {int(declared)} bytes (Content-Length); at most {limit}"
+                await send_json(send, 413, error_body(413, text), close=True)
                 return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.body_timeout_s
@@ -277,7 +277,7 @@ def guarded_protocol(limits: ServeLimits) -> type:
         return head.encode("ascii") + data
 
     class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             if len(self.connections) > limits.limit_concurrency:
                 log.warning("refused a connection: %d open (--limit-concurrency)", len(self.connections) - 1)
