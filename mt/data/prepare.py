@@ -341,8 +341,8 @@ def _write_arrays(
         tokens = [f.finish() for f in files]
     finally:
         bar.close()
-        for ids in files:
-            ids.discard()
+        for f in files:
+            f.discard()
         for t in text:
             t.close()
     return {

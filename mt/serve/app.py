@@ -221,8 +221,8 @@ class Guard:
                 await send_json(send, 400, error_body(400, "Content-Length: not a number"), close=True)
                 return None
             if int(declared) > limit:
-                text = f"body: {int(declared)} bytes (Content-Length); at most {limit}"
-                await send_json(send, 413, error_body(413, text), close=True)
+                message = f"body: {int(declared)} bytes (Content-Length); at most {limit}"
+                await send_json(send, 413, error_body(413, message), close=True)
                 return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.body_timeout_s
