@@ -55,8 +55,10 @@ test-avx2: setup
 	@$(AVX2_CAPS) $(BIN)/python -c "import torch; print('torch runs its', torch.backends.cpu.get_cpu_capability(), 'kernels')"
 	HF_HUB_OFFLINE=1 $(AVX2_CAPS) $(BIN)/python -m pytest -q -m low_precision
 
+# ruff, then mypy over mt/ (its settings are [tool.mypy] in pyproject.toml).
 lint: setup
 	$(BIN)/ruff check mt tests scripts
+	$(BIN)/mypy mt
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[bench]'

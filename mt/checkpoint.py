@@ -96,7 +96,7 @@ def _write_failure(e: OSError | RuntimeError) -> str:
     the OSError of our file's write into "enforce fail at inline_container.cc ... unexpected
     pos", raised during it: the errno is found on the exception chain."""
     full = disk_full(e)
-    if full is not None:
+    if full is not None and full.errno is not None:  # disk_full found one of DISK_FULL's errnos
         return os.strerror(full.errno)  # "No space left on device", "Disk quota exceeded"
     if isinstance(e, OSError):
         return e.strerror or str(e)
@@ -168,7 +168,9 @@ def rng_state(device: torch.device | None = None) -> dict[str, Any]:
     is a GPU (only that one: each rank owns one GPU, and a CPU run never initialises CUDA),
     as plain data."""
     version, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple), "the global NumPy generator is MT19937: legacy=True gives a tuple"
+    _, keys, pos, has_gauss, cached = numpy_state
     state: dict[str, Any] = {
         "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
         "numpy": {

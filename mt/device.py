@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from mt.config import Precision
 from mt.errors import ConfigError, MTError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -103,7 +104,7 @@ def _warn_emulated_bf16() -> None:
     )
 
 
-def decode_precision(precision: str, device: torch.device) -> str:
+def decode_precision(precision: Precision, device: torch.device) -> Precision:
     """The precision to decode in: `decode.precision` resolved for `device`.
 
     auto: bf16 on GPUs that support it and on CPUs with native bf16, fp32 everywhere

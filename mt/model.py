@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -390,6 +391,8 @@ class DecoderCache:
 class Transformer(nn.Module):
     """Encoder-decoder Transformer. `forward(src, tgt_in)` is the training path."""
 
+    pos_table: Tensor  # the buffer of sinusoidal positions, registered when positions are not learned
+
     def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -484,7 +487,7 @@ class Transformer(nn.Module):
             B = memory.out.size(0)
             if N % B:
                 raise ValueError(f"{N} target rows cannot be grouped over {B} source sentences")
-            cross_kv = [layer.cross_attn.project_kv(memory.out) for layer in self.decoder]
+            cross_kv = [cast(DecoderLayer, layer).cross_attn.project_kv(memory.out) for layer in self.decoder]
             cross_mask = key_padding_mask(memory.src_pad)
             if cache is not None:
                 cache.cross_kv, cache.cross_mask, cache.group = cross_kv, cross_mask, N // B

@@ -74,7 +74,9 @@ def _output_lines(
     if not args.alignment:
         return translate_lines(translator, lines, args.beam, args.nbest, args.max_tokens, progress=progress)
     from mt.translate.alignment import format_pairs, translate_and_attend
+    from mt.translate.translator import Translator
 
+    assert isinstance(translator, Translator), "translate_cli refuses --alignment with --model"
     out = translate_and_attend(translator, lines, args.beam)
     return [f"{one_line(text)}\t{format_pairs(attn.pairs)}" if attn else "" for text, attn in out]
 

@@ -13,13 +13,14 @@ line naming the data set, the split and the cause.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 from mt.config import DataConfig, SourceConfig
 from mt.errors import DataError, disk_full, exception_chain
@@ -188,7 +189,7 @@ def local_pair(src: Source, split: str, src_lang: str, tgt_lang: str) -> LocalPa
     return LocalPair(split, _find(d, stem, src_lang), _find(d, stem, tgt_lang))
 
 
-def _open(path: Path) -> IO[bytes]:
+def _open(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 

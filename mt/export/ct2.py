@@ -27,7 +27,9 @@ is an ExportError naming it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import torch
 from ctranslate2.converters import Converter
@@ -45,7 +47,7 @@ from mt.export import (
     readme_text,
     write_export,
 )
-from mt.model import Transformer
+from mt.model import DecoderLayer, EncoderLayer, Transformer
 from mt.special import BOS, EOS, PAD, UNK
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16")
@@ -106,16 +108,17 @@ def transformer_spec_of(model: Transformer, tokenizer: Tokenizer) -> transformer
         side.scale_embeddings = True  # x = sqrt(d) * embedding + position
         side.position_encodings.encodings = table
     if cfg.pre_norm:
+        assert isinstance(model.enc_norm, nn.LayerNorm) and isinstance(model.dec_norm, nn.LayerNorm)
         _norm(enc.layer_norm, model.enc_norm)
         _norm(dec.layer_norm, model.dec_norm)
-    for s, layer in zip(enc.layer, model.encoder, strict=True):
+    for s, layer in zip(enc.layer, cast(Iterable[EncoderLayer], model.encoder), strict=True):
         _linear(s.self_attention.linear[0], layer.attn.qkv)
         _linear(s.self_attention.linear[1], layer.attn.out)
         _norm(s.self_attention.layer_norm, layer.attn_norm)
         _linear(s.ffn.linear_0, layer.ffn.fc1)
         _linear(s.ffn.linear_1, layer.ffn.fc2)
         _norm(s.ffn.layer_norm, layer.ffn_norm)
-    for s, layer in zip(dec.layer, model.decoder, strict=True):
+    for s, layer in zip(dec.layer, cast(Iterable[DecoderLayer], model.decoder), strict=True):
         _linear(s.self_attention.linear[0], layer.self_attn.qkv)
         _linear(s.self_attention.linear[1], layer.self_attn.out)
         _norm(s.self_attention.layer_norm, layer.self_norm)
@@ -137,7 +140,7 @@ def transformer_spec_of(model: Transformer, tokenizer: Tokenizer) -> transformer
     config.decoder_start_token = tgt.id_to_piece(BOS)
     config.add_source_bos = False
     config.add_source_eos = True  # EOS ends every source (mt.translate.translator.pad_sources)
-    config.layer_norm_epsilon = model.encoder[0].attn_norm.eps
+    config.layer_norm_epsilon = cast(EncoderLayer, model.encoder[0]).attn_norm.eps
     return spec
 
 

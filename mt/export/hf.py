@@ -39,8 +39,9 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -66,7 +67,7 @@ from mt.export import (
     readme_text,
     write_export,
 )
-from mt.model import Transformer
+from mt.model import DecoderLayer, EncoderLayer, Transformer
 from mt.special import BOS, EOS, PAD, UNK
 
 
@@ -155,7 +156,7 @@ class _Mapper:
         for name, w, b in parts:
             self.reads(getattr(attn, name), w, b)
 
-    def ffn(self, theirs: nn.Module, ours: nn.Module) -> None:
+    def ffn(self, theirs: Any, ours: EncoderLayer | DecoderLayer) -> None:  # theirs: a Transformers layer
         self.reads(theirs.fc1, ours.ffn.fc1)
         self.writes(theirs.fc2, ours.ffn.fc2)
         self.norm(theirs.final_layer_norm, ours.ffn_norm)
@@ -184,6 +185,7 @@ def to_transformers(model: Transformer) -> PreTrainedModel:
     table = model.pos_table if model.pos_embed is None else model.pos_embed.weight
     hf.lm_head.weight.zero_()
     hf.lm_head.weight[:tgt_vocab].copy_(model.out_proj.weight[:, p.p])
+    assert isinstance(hf.final_logits_bias, torch.Tensor)  # a buffer, which nn.Module does not type
     hf.final_logits_bias.zero_()
     hf.final_logits_bias[:, tgt_vocab:] = float("-inf")  # rows of the larger source vocabulary
     # Every embedding, tied or not, gets its weights: the tied ones are one tensor anyway.
@@ -198,14 +200,15 @@ def to_transformers(model: Transformer) -> PreTrainedModel:
     for pos in (core.encoder.embed_positions, core.decoder.embed_positions):
         p.table(pos, table)
     if model.cfg.pre_norm:
+        assert isinstance(model.enc_norm, nn.LayerNorm) and isinstance(model.dec_norm, nn.LayerNorm)
         p.norm(core.encoder.layer_norm, model.enc_norm)
         p.norm(core.decoder.layer_norm, model.dec_norm)
-    for ours, theirs in zip(model.encoder, core.encoder.layers, strict=True):
+    for ours, theirs in zip(cast(Iterable[EncoderLayer], model.encoder), core.encoder.layers, strict=True):
         p.split(theirs.self_attn, ("q_proj", "k_proj", "v_proj"), ours.attn.qkv)
         p.writes(theirs.self_attn.out_proj, ours.attn.out)
         p.norm(theirs.self_attn_layer_norm, ours.attn_norm)
         p.ffn(theirs, ours)
-    for ours, theirs in zip(model.decoder, core.decoder.layers, strict=True):
+    for ours, theirs in zip(cast(Iterable[DecoderLayer], model.decoder), core.decoder.layers, strict=True):
         p.split(theirs.self_attn, ("q_proj", "k_proj", "v_proj"), ours.self_attn.qkv)
         p.writes(theirs.self_attn.out_proj, ours.self_attn.out)
         p.norm(theirs.self_attn_layer_norm, ours.self_norm)

@@ -277,7 +277,7 @@ def guarded_protocol(limits: ServeLimits) -> type:
         return head.encode("ascii") + data
 
     class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             if len(self.connections) > limits.limit_concurrency:
                 log.warning("refused a connection: %d open (--limit-concurrency)", len(self.connections) - 1)

@@ -352,6 +352,8 @@ class Batcher:
         try:
             self.calls += 1
             self.lines += sum(len(j.lines) for j in group)
+            # Per job: its attention page's body, or per line its nbest (translation, score) pairs.
+            out: list[bytes | list[list[tuple[str, float]]]]
             if job.attention is not None:
                 out = [
                     await loop.run_in_executor(

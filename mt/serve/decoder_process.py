@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from mt.config import from_dict, to_dict
+from mt.config import Precision, from_dict, to_dict
 from mt.data.tokenizer import Tokenizer
 from mt.errors import MTError
 from mt.serve.batcher import Busy, DecoderFailure, attention_body
@@ -36,7 +36,7 @@ from mt.serve.batcher import Busy, DecoderFailure, attention_body
 log = logging.getLogger("mt.serve")
 
 
-def _child(conn: Connection, checkpoint: str, device: str | None, precision: str | None) -> None:
+def _child(conn: Connection, checkpoint: str, device: str | None, precision: Precision | None) -> None:
     """The decoder process: load, say so, then answer calls until the pipe closes."""
     # Ctrl-C in a terminal reaches the whole process group: the server decides when to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -87,7 +87,7 @@ class ProcessEngine:
 
     attention = True
 
-    def __init__(self, checkpoint: str | Path, device: str | None, precision: str | None) -> None:
+    def __init__(self, checkpoint: str | Path, device: str | None, precision: Precision | None) -> None:
         self._args = (str(checkpoint), device, precision)
         self._lock = threading.Lock()
         self._aborted = False

@@ -17,6 +17,7 @@ as well; the batcher sorts and cuts that multiset as it does the whole split.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -151,7 +152,10 @@ def make_batch(
     )
 
 
-def padded_size(size: int | np.ndarray, multiple: int) -> int | np.ndarray:
+_Size = TypeVar("_Size", int, np.ndarray)  # one length, or an array of them
+
+
+def padded_size(size: _Size, multiple: int) -> _Size:
     """`size` rounded up to a multiple of `multiple` (unchanged for 0)."""
     return -(-size // multiple) * multiple if multiple else size
 

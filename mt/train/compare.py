@@ -22,12 +22,13 @@ import html
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sacrebleu.metrics import BLEU, CHRF
-from sacrebleu.significance import PairedTest
+from sacrebleu.significance import PairedTest, Result
 
 from mt.config import Config, load_saved_config, to_dict
 from mt.errors import MTError
@@ -274,11 +275,14 @@ def paired_bootstrap(
     system whose translations are the baseline's has p-value 1 (see below)."""
     # As `sacrebleu REF -i SYS... --paired-bs` builds them: references cached in the metrics.
     metrics = {"BLEU": BLEU(references=[references]), "CHRF": CHRF(references=[references])}
-    signatures, results = PairedTest(systems, metrics, None, test_type="bs", n_samples=resamples)()
+    named: list[tuple[str, Sequence[str]]] = list(systems)  # PairedTest's list type is invariant
+    signatures, results = PairedTest(named, metrics, None, test_type="bs", n_samples=resamples)()
     scores: list[dict[str, TestScore]] = [{} for _ in systems]
     for key, name in METRICS.items():
-        baseline = results[name][0].score
-        for i, r in enumerate(results[name]):
+        # sacreBLEU types every column str | Result: only its "System" column holds names.
+        column = cast(list[Result], results[name])
+        baseline = column[0].score
+        for i, r in enumerate(column):
             delta = None if i == 0 else r.score - baseline
             p_value = r.p_value
             if i and systems[i][1] == systems[0][1]:
@@ -286,6 +290,7 @@ def paired_bootstrap(
                 # sacreBLEU, counting resampled differences strictly above the observed one, finds
                 # none and reports its smallest p-value, 1 / (resamples + 1): "significant".
                 p_value = 1.0
+            assert r.mean is not None and r.ci is not None, "the bootstrap gives every system both"
             scores[i][key] = TestScore(float(r.score), float(r.mean), float(r.ci), p_value, delta)
     return scores, {name: signatures[name].format() for name in METRICS.values()}
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -179,6 +179,13 @@ class MetricsLog:
 class Trainer:
     """Set-up is a sequence of small builders, in the order their dependencies need."""
 
+    # Set by fit(), read by the methods it calls (declared here: some of those come first).
+    _pending: list[tuple[int, int, float, torch.Tensor]]
+    _tokens_seen: float
+    _window_start: float
+    _window_paused: float
+    _bar: tqdm
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         t = cfg.train
@@ -237,12 +244,12 @@ class Trainer:
         """Let another run have the directory (the lock also dies with the process). A run whose
         set-up failed (`abandon`) removes the directory when it made it: a new run that never
         started leaves nothing behind."""
-        if getattr(self, "board", None) is not None:
-            self.board.close()
+        if (board := getattr(self, "board", None)) is not None:
+            board.close()
         if abandon and getattr(self, "made_out_dir", False):
             shutil.rmtree(self.out, ignore_errors=True)
-        if getattr(self, "lock", None) is not None:
-            self.lock.release()
+        if (lock := getattr(self, "lock", None)) is not None:
+            lock.release()
 
     def _claim_out_dir(self) -> DirectoryLock | None:
         """Rank 0 locks the run directory and checks that it can write there; temporary files
@@ -442,7 +449,8 @@ class Trainer:
                 shapes = -(-(self.cfg.data.max_len + 1) // t.pad_to_multiple)
                 # Dynamo gives up compiling a function after recompile_limit shapes (8).
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 1)
-            wrapped = torch.compile(wrapped, dynamic=dynamic)
+            # An OptimizedModule, a Module: torch annotates compile() as returning a plain callable.
+            wrapped = cast(torch.nn.Module, torch.compile(wrapped, dynamic=dynamic))
             self.compiled_loss = torch.compile(label_smoothed_nll, dynamic=dynamic)
         return wrapped
 
@@ -585,7 +593,7 @@ class Trainer:
         """The gradients' total norm, clipped to train.clip_norm when that is set; without it the
         gradients are left alone (clip_grad_norm_ with an infinite bound multiplies every one by 1)."""
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if self.cfg.train.clip_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.train.clip_norm, norm)
         return norm
@@ -594,11 +602,12 @@ class Trainer:
         """optimizer.step() when `finite` holds. The fused kernel skips on the device (and
         leaves its step count alone); any other optimizer needs the flag on the host."""
         if self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = (~finite).float()  # read by torch.optim.AdamW.step
+            # read by torch.optim.AdamW.step, an attribute torch's annotations do not declare
+            self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
             try:
                 self.optimizer.step()
             finally:
-                del self.optimizer.found_inf
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
         elif bool(finite):
             self.optimizer.step()
 
@@ -656,6 +665,7 @@ class Trainer:
     def _draw_attention(self, model: Transformer, seqs: list[np.ndarray], hyps: list[list[int]]) -> None:
         """The last decoder layer's cross-attention (heads averaged) of the first validation
         sentences' greedy translations, as TensorBoard images."""
+        assert self.board is not None, "drawn only for train.tensorboard"
         src = pad_sources(seqs, self.device)
         for i, weights in enumerate(cross_attention(model, src, hyps[: len(seqs)])):
             self.board.attention(self.state.step, i, weights[-1].mean(0))
@@ -836,7 +846,7 @@ class Trainer:
         t, s = self.cfg.train, self.state
         self._t0, self._elapsed_before = time.time(), s.elapsed
         self._tokens_seen, self._window_start, self._window_paused = 0.0, time.perf_counter(), 0.0
-        self._pending: list[tuple[int, int, float, torch.Tensor]] = []
+        self._pending = []
         handled = (signal.SIGINT, signal.SIGTERM)
         previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
         self._bar = tqdm(

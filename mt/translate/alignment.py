@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from mt.data.tokenizer import Tokenizer
-from mt.model import CrossAttention, Transformer
+from mt.model import CrossAttention, DecoderLayer, Transformer
 from mt.special import BOS, EOS, PAD
 from mt.translate.translator import Translator, pad_sources
 
@@ -61,7 +62,7 @@ def cross_attention(model: Transformer, src: Tensor, hyps: Sequence[Sequence[int
             scores = scores.masked_fill(~mask, float("-inf"))
         recorded.append(scores.softmax(-1))
 
-    hooks = [layer.cross_attn.register_forward_hook(record) for layer in model.decoder]
+    hooks = [cast(DecoderLayer, layer).cross_attn.register_forward_hook(record) for layer in model.decoder]
     try:
         model.decode(tgt, model.encode(src))
     finally:

@@ -169,10 +169,16 @@ def beam_search(
     # the bigger ones.
     per_call = max(1, MAX_SCORES_PER_STEP // (K * V))
     if src.device.type == "cpu" and src.size(0) > per_call:
-        kw = dict(beam=beam, nbest=nbest, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
-        kw.update(length_penalty=length_penalty, alpha=alpha)
         slices = (src[i : i + per_call] for i in range(0, src.size(0), per_call))
-        return [hyps for part in slices for hyps in beam_search(model, part, **kw)]
+        # Each option by name: a dict of them would hold a union type that mypy cannot check.
+        return [
+            hyps
+            for part in slices
+            for hyps in beam_search(
+                model, part, beam=beam, nbest=nbest, max_len_a=max_len_a, max_len_b=max_len_b,
+                min_len=min_len, length_penalty=length_penalty, alpha=alpha
+            )
+        ]
     B = src.size(0)
     device = src.device
     limit = max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions).to(device)  # (n,)

@@ -56,7 +56,7 @@ _THREAD_COUNT = threading.Lock()
 
 
 def _collect(
-    done: Iterable[tuple[np.ndarray, list[list[Hypothesis]]]], results: list[list[list[Hypothesis]]]
+    done: Iterable[tuple[np.ndarray, list[list[Hypothesis]]]], results: list[list[Hypothesis]]
 ) -> None:
     """Put each batch's hypotheses in its sentences' places."""
     for idx, hyps in done:
@@ -81,11 +81,17 @@ def search_batch(
 ) -> list[list[Hypothesis]]:
     """Search one batch of token-id sequences: greedy for beam 1 with nbest 1, else beam search."""
     src = pad_sources([np.asarray(s) for s in seqs], device)
-    lengths = dict(max_len_a=decode.max_len_a, max_len_b=decode.max_len_b, min_len=decode.min_len)
-    scoring = dict(length_penalty=decode.length_penalty, alpha=decode.alpha)
+    # Each option by name: a dict of them would hold a union type that mypy cannot check.
     if beam == 1 and nbest == 1:
-        return [[h] for h in greedy(model, src, **lengths, **scoring)]
-    return beam_search(model, src, beam=beam, nbest=nbest, **lengths, **scoring)
+        found = greedy(
+            model, src, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b, min_len=decode.min_len,
+            length_penalty=decode.length_penalty, alpha=decode.alpha
+        )
+        return [[h] for h in found]
+    return beam_search(
+        model, src, beam=beam, nbest=nbest, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b,
+        min_len=decode.min_len, length_penalty=decode.length_penalty, alpha=decode.alpha
+    )
 
 
 def translate_ids(
