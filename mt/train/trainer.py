@@ -34,7 +34,6 @@ from mt.checkpoint import (
     Training,
     TrainState,
     keep_last,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -939,7 +938,7 @@ def average_last(trainer: Trainer) -> dict[str, Any] | None:
     average_checkpoints([str(p) for p in paths], str(out), quiet=True)
     tok = trainer.data.tokenizer
     model = Transformer(trainer.cfg.model, tok.src_vocab_size, tok.tgt_vocab_size).to(trainer.device)
-    model.load_state_dict(load_checkpoint(out, map_location=trainer.device)["model"])
+    model.load_state_dict(Checkpoint.read(out, map_location=trainer.device).model)
     valid = trainer.valid_metrics(model)
     key = trainer.best_key(valid)
     best = trainer.state.best
