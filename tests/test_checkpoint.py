@@ -1,23 +1,31 @@
 """Checkpoints: atomic saves that never lose the previous one, plain-data loading, RNG state,
-keeping the last N; and every bad file (damaged, foreign, not fitting the model, or one whose
-unpickling would run code) is one error line from the commands that load it."""
+keeping the last N; one schema (Checkpoint) that every reader goes through, under which a
+checkpoint written before it translates, averages, fine-tunes and resumes as it did; and every
+bad file (damaged, foreign, not fitting the model, or one whose unpickling would run code) is
+one error line from the commands that load it."""
 
 import errno
 import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import corpus_config, error_line, one_thread
+from fixtures.make_checkpoint_v1 import CONFIG, CORPUS, EXPECTED, SOURCES
+from helpers import corpus_config, error_line, make_corpus, one_thread
 
 import mt.checkpoint as ckpt
+import mt.data.prepare
 from mt.checkpoint import (
+    Checkpoint,
+    TrainState,
     keep_last,
     load_checkpoint,
+    load_model,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -25,6 +33,11 @@ from mt.checkpoint import (
 )
 from mt.cli import main
 from mt.errors import CheckpointError
+from mt.train.average import average_checkpoints
+from mt.translate.translator import Translator
+
+# checkpoint_last.pt of a run of `mt train` written before the schema (fixtures/make_checkpoint_v1.py).
+V1 = Path(__file__).parent / "fixtures" / "checkpoint_v1.pt"
 
 
 def _state():
@@ -321,3 +334,157 @@ def test_rng_state_of_a_cpu_run_leaves_cuda_alone(monkeypatch):
     state = rng_state(torch.device("cpu"))
     assert "cuda" not in state
     set_rng_state({**state, "cuda": [torch.zeros(8, dtype=torch.uint8)]}, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+def _assert_same(a, b, where="state"):
+    """Equal plain data, tensors compared by value."""
+    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_the_schema_writes_every_key_of_a_checkpoint_written_before_it_as_it_was():
+    """The file format stays: a trainer's checkpoint read into the schema and written out again
+    is the dict it was, key for key (in the same order) and tensor for tensor."""
+    raw = torch.load(V1, weights_only=True)
+    ck = Checkpoint.from_state(raw, V1)
+    assert ck.name == "tiny" and ck.training is not None and ck.averaged_from is None
+    assert ck.training.state == TrainState(**raw["state"]) and ck.training.state.step == 200
+    assert ck.training.world_size == 1 and ck.training.epoch_weights == {}
+    assert ck.training.rng_ranks[0] is raw["rng"]
+    body = {k: v for k, v in raw.items() if k not in ("format", "version")}
+    _assert_same(ck.to_state(), body)
+
+
+def test_a_saved_checkpoint_reads_back_equal(tmp_path):
+    ck = Checkpoint.read(V1)
+    save_checkpoint(tmp_path / "again.pt", ck.to_state())
+    back = Checkpoint.read(tmp_path / "again.pt")
+    _assert_same(back.to_state(), ck.to_state())
+    assert back.training.state == ck.training.state
+
+
+def test_keys_that_older_checkpoints_lack_take_their_defaults(tmp_path):
+    """Before every rank's RNG, the world size, the epoch's source weights and the name were
+    recorded, checkpoints held one "rng"; a nameless one is named after its run directory."""
+    raw = torch.load(V1, weights_only=True)
+    for key in ("rng_ranks", "world_size", "epoch_weights", "name", "scaler", "metrics"):
+        del raw[key]
+    del raw["state"]["win_tokens"]
+    ck = Checkpoint.from_state(raw, tmp_path / "my_run" / "checkpoint_last.pt")
+    assert ck.name == "my_run"
+    assert ck.training.rng_ranks == [raw["rng"]] and ck.training.world_size == 1
+    assert ck.training.epoch_weights is None and ck.training.scaler == {} and ck.training.metrics == {}
+    assert ck.training.state.win_tokens == 0.0 and ck.training.state.step == 200
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda raw: raw.pop("spm_tgt"), r"not a model checkpoint \(no 'spm_tgt'\)"),
+        (lambda raw: raw.update(spm_src="a path"), r"its 'spm_src' is a str, not a bytes"),
+        (lambda raw: raw["state"].update(steps_taken=3), r"unknown training counters steps_taken"),
+        (lambda raw: raw.update(state=[200]), r"its training state is not a mapping"),
+    ],
+    ids=["no target subwords", "subwords not bytes", "unknown counter", "counters not a mapping"],
+)
+def test_a_checkpoint_that_breaks_the_schema_is_named_with_what_is_wrong(tmp_path, damage, message):
+    raw = torch.load(V1, weights_only=True)
+    damage(raw)
+    save_checkpoint(tmp_path / "bad.pt", raw)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path / 'bad.pt'))}: {message}"):
+        Checkpoint.read(tmp_path / "bad.pt")
+
+
+def test_load_model_gives_the_config_tokenizer_and_model_in_the_precision_asked_for():
+    config, tokenizer, model = load_model(V1, "cpu", "bf16")
+    assert config.name == "tiny" and config.model.d_model == 16 and config.decode.precision == "bf16"
+    assert tokenizer.src_proto == Checkpoint.read(V1).spm_src and tokenizer.joint
+    assert not model.training and model.out_proj.weight.dtype == torch.bfloat16
+    assert load_model(V1, "cpu").config.decode.precision == "fp32"  # the checkpoint's own
+
+
+def test_a_checkpoint_written_before_the_schema_translates_as_it_did():
+    tr = Translator.from_checkpoint(V1, "cpu", "fp32")
+    for beam, expected in EXPECTED.items():
+        assert tr.translate(SOURCES, beam=beam) == expected
+
+
+def test_a_checkpoint_written_before_the_schema_averages(tmp_path, capsys):
+    """Averaged with itself, it keeps its weights; the average has no training state and
+    translates as the checkpoint does."""
+    out = tmp_path / "avg.pt"
+    average_checkpoints([str(V1), str(V1)], str(out), quiet=True)
+    avg, v1 = Checkpoint.read(out), Checkpoint.read(V1)
+    assert avg.training is None and avg.averaged_from == [str(V1), str(V1)] and avg.name == "tiny"
+    assert avg.config == v1.config and avg.spm_src == v1.spm_src
+    _assert_same(avg.model, v1.model)
+    assert Translator.from_checkpoint(out, "cpu", "fp32").translate(SOURCES, beam=2) == EXPECTED[2]
+
+
+def _v1_run(tmp_path: Path, monkeypatch) -> Path:
+    """A directory laid out as the one the fixture's run was trained in (relative paths), with
+    the fixture as its checkpoint_last.pt; its data is prepared with the fixture's subword
+    models, as that run's was (they are not learned from the corpus: see the fixture's maker)."""
+    make_corpus(tmp_path / "corpus", **CORPUS)
+    (tmp_path / "tiny.yaml").write_text(CONFIG)
+    (tmp_path / "run").mkdir()
+    shutil.copyfile(V1, tmp_path / "run" / "checkpoint_last.pt")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "run" / "checkpoint_last.pt"
+
+
+def test_a_run_written_before_the_schema_resumes(tmp_path, monkeypatch, capsys):
+    last = _v1_run(tmp_path, monkeypatch)
+    ck = Checkpoint.read(last)
+    monkeypatch.setattr(mt.data.prepare, "_learn_subwords", lambda train, d: (ck.spm_src, ck.spm_tgt))
+    assert main(["train", "tiny.yaml", "train.max_steps=210", "train.valid_every=0"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from run/checkpoint_last.pt at step 200, epoch 8" in out
+    resumed = Checkpoint.read(last)
+    s = resumed.training.state
+    assert s.step == 210 and (s.epoch, s.batch_pos) > (8, 16) and s.last_valid_step == 210
+    assert not torch.equal(resumed.model["tgt_embed.weight"], ck.model["tgt_embed.weight"])
+
+
+def test_resuming_on_data_prepared_with_other_subword_models_is_refused(tmp_path, monkeypatch, capsys):
+    """The one subword check, here for a resumed run (test_finetune has it for train.init_from)."""
+    _v1_run(tmp_path, monkeypatch)  # prepared with models learned from the corpus: not the fixture's
+    assert main(["train", "tiny.yaml", "train.max_steps=210"]) == 2
+    line = error_line(capsys.readouterr().err, "train")
+    assert "the prepared data in prepared has other subword models than run/checkpoint_last.pt" in line
+    assert "(prepared again since?)" in line
+
+
+def test_averaged_weights_in_checkpoint_last_are_refused_with_the_reason(tmp_path, monkeypatch, capsys):
+    last = _v1_run(tmp_path, monkeypatch)
+    average_checkpoints([str(V1)], str(last), quiet=True)
+    assert main(["train", "tiny.yaml", "train.max_steps=210"]) == 2
+    line = error_line(capsys.readouterr().err, "train")
+    assert "run/checkpoint_last.pt holds no training state to resume from" in line
+    assert not (tmp_path / "prepared").exists()  # refused before anything was prepared
+
+
+def test_a_checkpoint_written_before_the_schema_fine_tunes(tmp_path, monkeypatch, capsys):
+    """train.init_from: preparation takes its subword models, training starts from its weights."""
+    _v1_run(tmp_path, monkeypatch)
+    args = ["train", "tiny.yaml", f"train.init_from={V1}", "data.prepared_dir=tuned_data",
+            "train.out_dir=tuned", "train.max_steps=2", "train.valid_every=0", "train.valid_bleu=false"]
+    assert main(args) == 0
+    assert f"starting from the weights of {V1} (step 200 of its run)" in capsys.readouterr().out
+    v1, tuned = Checkpoint.read(V1), Checkpoint.read(tmp_path / "tuned" / "checkpoint_last.pt")
+    assert (tuned.spm_src, tuned.spm_tgt) == (v1.spm_src, v1.spm_tgt)
+    assert tuned.training.state.step == 2

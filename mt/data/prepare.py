@@ -37,7 +37,7 @@ from typing import IO, Any
 import numpy as np
 from tqdm import tqdm
 
-from mt.checkpoint import load_checkpoint
+from mt.checkpoint import Checkpoint
 from mt.config import Config, DataConfig, save_config
 from mt.data import sources
 from mt.data.tokenizer import Tokenizer, load_processor, train_spm
@@ -103,12 +103,10 @@ def _checkpoint_vocab(path: Path) -> tuple[Vocab, dict[str, Any]]:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _VOCABS:
         try:
-            ck = load_checkpoint(path)
+            ck = Checkpoint.read(path)
         except CheckpointError as e:
             raise CheckpointError(f"train.init_from: {e}") from None
-        if not isinstance(ck.get("spm_src"), bytes) or not isinstance(ck.get("spm_tgt"), bytes):
-            raise CheckpointError(f"train.init_from: {path} holds no SentencePiece models")
-        _VOCABS[key] = ((ck["spm_src"], ck["spm_tgt"]), ck.get("config", {}))
+        _VOCABS[key] = ((ck.spm_src, ck.spm_tgt), ck.config)
     return _VOCABS[key]
 
 

@@ -38,7 +38,7 @@ from mt.errors import ConfigError, ExportError, MTError
 from mt.files import file_above, remove_stale, replace_dir, temp_path, write_atomic
 
 if TYPE_CHECKING:  # torch is imported only when a checkpoint is loaded
-    from mt.translate.translator import Translator
+    from mt.checkpoint import LoadedModel
 
 INSTALL = "pip install -e '.[export]'"  # what installs the extra, in a checkout of this repository
 MANIFEST = "mt_export.json"
@@ -65,11 +65,11 @@ def require(module: str, what: str) -> ModuleType:
         ) from None
 
 
-def load_checkpoint_model(checkpoint: str | Path) -> Translator:
-    """The checkpoint's model (fp32, on the CPU, eval mode), tokenizer and config."""
-    from mt.translate.translator import Translator
+def load_checkpoint_model(checkpoint: str | Path) -> LoadedModel:
+    """The checkpoint's config, tokenizer and model (fp32, on the CPU, eval mode)."""
+    from mt.checkpoint import load_model
 
-    return Translator.from_checkpoint(checkpoint, "cpu", "fp32")
+    return load_model(checkpoint, "cpu", "fp32")
 
 
 def penalty_note(decode: DecodeConfig, engine: str) -> str:

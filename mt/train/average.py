@@ -17,41 +17,28 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from mt.checkpoint import load_checkpoint, save_checkpoint
+from mt.checkpoint import Checkpoint, save_checkpoint
 from mt.errors import CheckpointError, MTError
 from mt.files import STDIO
 
-# What a checkpoint needs to be averaged and translated.
-REQUIRED = ("config", "model", "spm_src", "spm_tgt")
 
-
-def _load(path: str) -> dict[str, Any]:
-    ck = load_checkpoint(path)
-    missing = [k for k in REQUIRED if k not in ck]
-    if missing:
-        raise CheckpointError(f"{path}: not a model checkpoint (no {', '.join(repr(k) for k in missing)})")
-    return ck
-
-
-def _check_compatible(first_path: str, first: dict[str, Any], path: str, ck: dict[str, Any]) -> None:
+def _check_compatible(first_path: str, first: Checkpoint, path: str, ck: Checkpoint) -> None:
     """Raise CheckpointError naming `path` when it cannot be averaged with the first checkpoint."""
-    ref_model, model = first["config"].get("model", {}), ck["config"].get("model", {})
+    ref_model, model = first.config.get("model", {}), ck.config.get("model", {})
     diff = sorted(k for k in set(ref_model) | set(model) if ref_model.get(k) != model.get(k))
     if diff:
         shown = ", ".join(f"model.{k} {model.get(k)!r} vs {ref_model.get(k)!r}" for k in diff)
         raise CheckpointError(f"{path}: model config differs from {first_path}: {shown}")
     for key in ("spm_src", "spm_tgt"):
-        if ck[key] != first[key]:
+        if getattr(ck, key) != getattr(first, key):
             raise CheckpointError(
                 f"{path}: its SentencePiece model ({key}) differs from {first_path}'s; "
                 f"only checkpoints with the same vocabulary can be averaged"
             )
-    ref_sd, sd = first["model"], ck["model"]
+    ref_sd, sd = first.model, ck.model
     missing, extra = sorted(set(ref_sd) - set(sd)), sorted(set(sd) - set(ref_sd))
     if missing or extra:
         raise CheckpointError(
@@ -73,31 +60,22 @@ def average_checkpoints(paths: Sequence[str], output: str, quiet: bool = False) 
         raise MTError("--output -: a checkpoint cannot go to standard output; name a file")
     if not paths:
         raise MTError("average: give at least one checkpoint")
-    first = _load(paths[0])
+    first = Checkpoint.read(paths[0])
     # Float tensors are summed in float64: averaging many fp16/bf16/fp32 checkpoints in
     # their own precision loses the small differences that averaging is about.
     sums: dict[str, torch.Tensor] = {
-        k: v.to(torch.float64) for k, v in first["model"].items() if torch.is_floating_point(v)
+        k: v.to(torch.float64) for k, v in first.model.items() if torch.is_floating_point(v)
     }
     for path in paths[1:]:
-        ck = _load(path)
+        ck = Checkpoint.read(path)
         _check_compatible(paths[0], first, path, ck)
         for k in sums:
-            sums[k] += ck["model"][k].to(torch.float64)
+            sums[k] += ck.model[k].to(torch.float64)
         del ck  # one checkpoint in memory at a time
 
     n = len(paths)
-    averaged = {
-        k: (sums[k] / n).to(v.dtype) if k in sums else v.clone() for k, v in first["model"].items()
-    }
-    state = {
-        "config": first["config"],
-        "name": first.get("name", Path(paths[0]).parent.name),
-        "spm_src": first["spm_src"],
-        "spm_tgt": first["spm_tgt"],
-        "model": averaged,
-        "averaged_from": paths,
-    }
-    save_checkpoint(output, state)
+    averaged = {k: (sums[k] / n).to(v.dtype) if k in sums else v.clone() for k, v in first.model.items()}
+    out = Checkpoint(first.name, first.config, first.spm_src, first.spm_tgt, averaged, averaged_from=paths)
+    save_checkpoint(output, out.to_state())
     if not quiet:
         print(f"averaged {n} checkpoint{'s' * (n > 1)} -> {output}", file=sys.stderr)

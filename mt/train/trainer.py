@@ -22,7 +22,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,8 +30,10 @@ import torch
 from tqdm import tqdm
 
 from mt.checkpoint import (
+    Checkpoint,
+    Training,
+    TrainState,
     keep_last,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -100,25 +101,6 @@ def changes_ids(key: str) -> bool:
     if key.startswith("data.sources."):
         return not key.endswith(".weight")
     return key in DATA_KEYS_OF_IDS
-
-
-@dataclass
-class TrainState:
-    """Counters that, with the weights, optimizer and RNG, pin down where a run is."""
-
-    step: int = 0  # updates done
-    epoch: int = 0
-    batch_pos: int = 0  # batches of this epoch already consumed (on this rank)
-    best: float | None = None  # best validation value of train.best_metric
-    best_step: int = 0
-    bad_validations: int = 0  # validations in a row without improvement
-    elapsed: float = 0.0  # training seconds before this process started
-    nonfinite_in_row: int = 0
-    last_valid_step: int = -1
-    # Token-weighted sums since the last log line (checkpointed, so a resumed run logs alike).
-    win_loss: float = 0.0
-    win_nll: float = 0.0
-    win_tokens: float = 0.0
 
 
 # --------------------------------------------------------------------------- set-up
@@ -274,14 +256,22 @@ class Trainer:
         self.dist.barrier()
         return lock
 
-    def _read_last_checkpoint(self) -> dict[str, Any] | None:
-        return load_checkpoint(self.last_path, map_location="cpu") if self.last_path.exists() else None
+    def _read_last_checkpoint(self) -> Checkpoint | None:
+        if not self.last_path.exists():
+            return None
+        ck = Checkpoint.read(self.last_path)
+        if ck.training is None or not ck.training.rng_ranks:
+            raise CheckpointError(
+                f"{self.last_path} holds no training state to resume from (no optimizer, counters or "
+                f"RNG states: averaged weights?); move it away, or use another train.out_dir"
+            )
+        return ck
 
-    def _check_resumable(self, ck: dict[str, Any]) -> None:
+    def _check_resumable(self, ck: Checkpoint) -> None:
         """A resumed run keeps what gives the checkpoint's weights and token ids their meaning:
         the model, the languages, the corpus and the subword settings. Other changes (budgets,
         validation, batch size, learning rate, ...) are allowed and named in the log."""
-        then, now = flatten(ck["config"]), flatten(to_dict(self.cfg))
+        then, now = flatten(ck.config), flatten(to_dict(self.cfg))
         changed = {k: (then[k], v) for k, v in now.items() if k in then and then[k] != v}
         model = {k: c for k, c in changed.items() if k.startswith("model.")}
         data = {k: c for k, c in changed.items() if changes_ids(k)}
@@ -293,9 +283,10 @@ class Trainer:
                     f"changes what its weights or token ids mean; resume with the checkpoint's values, "
                     f"or use another train.out_dir (or delete the directory) to start over"
                 )
-        if ck.get("world_size", 1) != self.dist.world_size:
+        assert ck.training is not None  # _read_last_checkpoint refuses a checkpoint without
+        if (world_size := ck.training.world_size) != self.dist.world_size:
             raise CheckpointError(
-                f"{self.last_path} was written by a run on {ck['world_size']} processes; resume with the "
+                f"{self.last_path} was written by a run on {world_size} processes; resume with the "
                 f"same number (now {self.dist.world_size}) to continue exactly"
             )
         if changed and self.dist.is_main:
@@ -350,23 +341,19 @@ class Trainer:
         prepared token ids (prepared with its subword models); optimizer and schedule start afresh."""
         path = self.cfg.train.init_from  # its languages and model shape: checked by pretrained_vocab
         try:
-            ck = load_checkpoint(path, map_location="cpu")
+            ck = Checkpoint.read(path)
+            ck.check_subwords(self.data.tokenizer, self.cfg.prepared_dir, path,
+                              "prepared without it, and its corpus out of reach?")
         except CheckpointError as e:
             raise CheckpointError(f"train.init_from: {e}") from None
-        tok = self.data.tokenizer
-        if (ck["spm_src"], ck["spm_tgt"]) != (tok.src_proto, tok.tgt_proto):
-            raise CheckpointError(
-                f"train.init_from: the prepared data in {self.cfg.prepared_dir} has other subword models "
-                f"than {path} (prepared without it, and its corpus out of reach?); its token ids would "
-                f"mean other words to the model"
-            )
         try:
-            model.load_state_dict(ck["model"])
+            model.load_state_dict(ck.model)
         except RuntimeError as e:  # load_state_dict lists every mismatch; the first says enough
             raise CheckpointError(f"train.init_from: {path} does not fit the model: "
                                   f"{str(e).strip().splitlines()[0]}") from None
         if self.dist.is_main:
-            print(f"mt train: starting from the weights of {path} (step {ck['state'].get('step', '?')} "
+            step = ck.training.state.step if ck.training else "?"
+            print(f"mt train: starting from the weights of {path} (step {step} "
                   f"of its run), with a fresh optimizer and schedule")
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -385,29 +372,29 @@ class Trainer:
             fused=self.device.type in ("cuda", "cpu"),
         )
 
-    def _resume(self, ck: dict[str, Any]) -> None:
-        """Continue from checkpoint_last.pt (checked by _check_resumable)."""
-        if ck["spm_src"] != self.data.tokenizer.src_proto or ck["spm_tgt"] != self.data.tokenizer.tgt_proto:
-            raise CheckpointError(
-                f"{self.last_path}: the prepared data in {self.cfg.prepared_dir} has other subword models "
-                f"than the checkpoint (prepared again since?); its token ids would mean other words"
-            )
-        self.raw_model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        if ck["scaler"]:  # empty when written without fp16 (bf16, CPU): the scaler starts afresh
-            self.scaler.load_state_dict(ck["scaler"])
-        self.state = TrainState(**ck["state"])
-        set_rng_state(ck["rng_ranks"][self.dist.rank], self.device)
+    def _resume(self, ck: Checkpoint) -> None:
+        """Continue from checkpoint_last.pt (checked by _read_last_checkpoint and _check_resumable)."""
+        assert ck.training is not None
+        ck.check_subwords(self.data.tokenizer, self.cfg.prepared_dir, self.last_path, "prepared again since?")
+        self.raw_model.load_state_dict(ck.model)
+        self.optimizer.load_state_dict(ck.training.optimizer)
+        if ck.training.scaler:  # empty when written without fp16 (bf16, CPU): the scaler starts afresh
+            self.scaler.load_state_dict(ck.training.scaler)
+        self.state = ck.training.state
+        set_rng_state(ck.training.rng_ranks[self.dist.rank], self.device)
         if self.dist.is_main:
             s = self.state
             print(f"mt train: resuming from {self.last_path} at step {s.step}, epoch {s.epoch}")
         self._keep_epoch_weights(ck)
 
-    def _keep_epoch_weights(self, ck: dict[str, Any]) -> None:
+    def _keep_epoch_weights(self, ck: Checkpoint) -> None:
         """New source weights take effect at the next epoch: the epoch being resumed keeps the
         batch list it began with (its weights are in the checkpoint), so that the position in it
         still means the batches not yet seen, none skipped and none repeated."""
-        then = ck.get("epoch_weights", source_weights(ck["config"]))  # older checkpoints: their config's
+        assert ck.training is not None
+        then = ck.training.epoch_weights
+        if then is None:  # older checkpoints: their config's
+            then = source_weights(ck.config)
         now = source_weights(to_dict(self.cfg))
         if then == now:
             return
@@ -489,26 +476,21 @@ class Trainer:
 
     def _checkpoint_state(self, metrics: dict[str, Any] | None, rngs: list[Any]) -> dict[str, Any]:
         tok = self.data.tokenizer
-        return {
-            "name": self.cfg.name,
-            "config": to_dict(self.cfg),
-            "spm_src": tok.src_proto,
-            "spm_tgt": tok.tgt_proto,
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "state": asdict(self.state),
-            "rng": rngs[0],
-            "rng_ranks": rngs,  # each rank's own dropout stream, for exact multi-process resume
-            "metrics": metrics or {},
-            "world_size": self.dist.world_size,
-            # The source weights of the epoch under way, whose batch list batch_pos counts in.
-            "epoch_weights": (
+        training = Training(
+            optimizer=self.optimizer.state_dict(),
+            state=self.state,
+            scaler=self.scaler.state_dict(),
+            rng_ranks=rngs,  # each rank's own dropout stream, for exact multi-process resume
+            metrics=metrics or {},
+            world_size=self.dist.world_size,
+            epoch_weights=(
                 self.kept_weights[1]
                 if self.kept_weights and self.kept_weights[0] == self.state.epoch
                 else source_weights(to_dict(self.cfg))
             ),
-        }
+        )
+        config, model = to_dict(self.cfg), self.raw_model.state_dict()
+        return Checkpoint(self.cfg.name, config, tok.src_proto, tok.tgt_proto, model, training).to_state()
 
     def save(self, metrics: dict[str, Any] | None = None, best: bool = False) -> None:
         """Write checkpoint_last (and best / step copies) atomically; rank 0 writes.
@@ -966,7 +948,7 @@ def average_last(trainer: Trainer) -> dict[str, Any] | None:
     average_checkpoints([str(p) for p in paths], str(out), quiet=True)
     tok = trainer.data.tokenizer
     model = Transformer(trainer.cfg.model, tok.src_vocab_size, tok.tgt_vocab_size).to(trainer.device)
-    model.load_state_dict(load_checkpoint(out, map_location=trainer.device)["model"])
+    model.load_state_dict(Checkpoint.read(out, map_location=trainer.device).model)
     valid = trainer.valid_metrics(model)
     key = trainer.best_key(valid)
     best = trainer.state.best

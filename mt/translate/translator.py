@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mt.checkpoint import load_checkpoint
-from mt.config import Config, DecodeConfig, Precision, from_dict
+from mt.checkpoint import load_model
+from mt.config import Config, DecodeConfig, Precision
 from mt.data.tokenizer import Tokenizer
 from mt.device import DTYPES, decode_precision, pick_device
-from mt.errors import CheckpointError
 from mt.model import Transformer
 from mt.special import EOS, PAD
 from mt.translate.lines import batch_budget, encode_lines, length_batches, longest_first
@@ -146,22 +145,8 @@ class Translator:
     ) -> Translator:
         """`precision` (auto, fp32, bf16, fp16) overrides the checkpoint's decode.precision."""
         dev = device if isinstance(device, torch.device) else pick_device(device)
-        ck = load_checkpoint(path)
-        try:
-            cfg = from_dict(ck["config"])
-            cfg.name = ck.get("name", cfg.name)
-            tok = Tokenizer(ck["spm_src"], ck["spm_tgt"])
-            model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size)
-            model.load_state_dict(ck["model"])
-        except (KeyError, RuntimeError, TypeError, AttributeError, ValueError) as e:
-            # load_state_dict lists every mismatch on its own line; the first says enough.
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"{path}: checkpoint is incomplete or does not match the model ({type(e).__name__}: {first})"
-            ) from None
-        if precision is not None:
-            cfg.decode.precision = precision
-        return cls(model, tok, cfg, dev)
+        config, tokenizer, model = load_model(path, dev, precision)
+        return cls(model, tokenizer, config, dev)
 
     def translate_ids(
         self,
