@@ -184,6 +184,25 @@ class DecodeConfig:
     inter_threads: int = 0
 
 
+def resolve_decoding(
+    decode: DecodeConfig, beam: int | None = None, nbest: int = 1, max_tokens: int | None = None
+) -> DecodeConfig:
+    """`decode` with the options of one call (a command line, a request) applied: the complete
+    decoding setting that everything below the edges takes as it is. `beam` None keeps
+    decode.beam, raised to `nbest` if it is smaller; `max_tokens` None keeps decode.max_tokens.
+    An explicit beam smaller than nbest is an error, not silently widened."""
+    for name, value in (("beam", beam), ("nbest", nbest), ("max_tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if beam is None:
+        beam = max(decode.beam, nbest)
+    elif nbest > beam:
+        raise ConfigError(f"nbest ({nbest}) cannot exceed beam ({beam})")
+    return dataclasses.replace(
+        decode, beam=beam, nbest=nbest, max_tokens=decode.max_tokens if max_tokens is None else max_tokens
+    )
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mt.config import load_config
+from mt.config import load_config, resolve_decoding
 from mt.data.dataset import load_prepared
 from mt.data.prepare import prepare
 from mt.device import DTYPES, cpu_description, decode_precision
@@ -67,7 +67,7 @@ def ct2_translate(directory: Path, workers: int, seqs: list[np.ndarray], beam: i
     """In the CTranslate2 child process: seconds to translate `seqs`, and the outputs."""
     ct2 = CT2Translator.from_export(directory, "cpu", inter_threads=workers)
     t = time.perf_counter()
-    hyps = ct2.translate_ids(seqs, beam=beam)
+    hyps = ct2.translate_ids(seqs, resolve_decoding(ct2.config.decode, beam=beam))
     return time.perf_counter() - t, [h[0][0] for h in hyps]
 
 
@@ -181,7 +181,9 @@ def main() -> None:
         ours = Translator(copy.deepcopy(model), data.tokenizer, cfg, torch.device("cpu"))
         theirs = copy.deepcopy(hf32).to(DTYPES[precision])
         engines = {
-            "mt": lambda beam, ours=ours: [h[0] for h in ours.translate_ids(seqs, beam=beam)],
+            "mt": lambda beam, ours=ours: [
+                h[0] for h in ours.translate_ids(seqs, resolve_decoding(ours.config.decode, beam=beam))
+            ],
             kind: lambda beam, hf=theirs: hf_translate(hf, seqs, beam, dec, cap),
         }
         if precision == "fp32":

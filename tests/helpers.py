@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from mt.checkpoint import save_checkpoint
 from mt.cli import main
-from mt.config import Config, DataConfig, DecodeConfig, ModelConfig, load_config, to_dict
+from mt.config import Config, DataConfig, DecodeConfig, ModelConfig, load_config, resolve_decoding, to_dict
 from mt.data.prepare import prepare
 from mt.data.tokenizer import Tokenizer, train_spm
 from mt.errors import MTError
@@ -274,17 +274,17 @@ class SwitchEngine:
         self.decoded: list[str] = []
         self.aborted = False
 
-    def translate_nbest(self, lines, beam, nbest):
+    def translate_nbest(self, lines, decode):
         assert self.go.wait(30)
         if any("BAD" in line for line in lines):
             raise RuntimeError("a bug met a bad line")
         if any("MT" in line for line in lines):
             raise MTError("decode.something: this engine cannot do that")
         self.decoded += lines
-        return self.inner.translate_nbest(lines, beam, nbest)
+        return self.inner.translate_nbest(lines, decode)
 
-    def attention_body(self, text, beam, layer, head):
-        return self.inner.attention_body(text, beam, layer, head)
+    def attention_body(self, text, decode, layer, head):
+        return self.inner.attention_body(text, decode, layer, head)
 
     def close(self) -> None:
         pass
@@ -310,7 +310,8 @@ def source_ids(translator: Translator | CT2Translator, lines: list[str] = SOURCE
 
 
 def mt_greedy(translator: Translator, seqs: list[np.ndarray]) -> list[list[int]]:
-    return [h[0].tokens for h in translator.translate_ids(seqs, beam=1)]
+    greedy = resolve_decoding(translator.config.decode, beam=1)
+    return [h[0].tokens for h in translator.translate_ids(seqs, greedy)]
 
 
 @torch.inference_mode()

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from mt.cli import main
-from mt.config import load_config
+from mt.config import load_config, resolve_decoding
 from mt.data import sources
 from mt.data.dataset import load_prepared
 from mt.data.prepare import prepare
@@ -69,7 +69,7 @@ def test_cli_reading_and_writing_keep_n_lines(translator, lines, final_newline, 
     data = (("\ufeff" if bom else "") + text).encode("utf-8")
     read = decode_lines(data, "stdin")
     assert len(read) == len(lines)
-    out = translate_lines(translator, read, beam=1)
+    out = translate_lines(translator, read, resolve_decoding(translator.config.decode, beam=1))
     written = "".join(line + "\n" for line in out)
     assert written.split("\n")[:-1] == out and len(out) == len(lines)
     assert "\r" not in written

@@ -30,3 +30,5 @@ def check_options(beam: int | None, max_tokens: int | None, nbest: int = 1) -> N
         raise MTError(f"--nbest must be >= 1, got {nbest}")
     if max_tokens is not None and max_tokens < 1:
         raise MTError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if beam is not None and nbest > beam:
+        raise MTError(f"--nbest {nbest} cannot exceed --beam {beam}")

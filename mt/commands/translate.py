@@ -39,6 +39,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from mt.commands.options import COMPUTE_TYPE_HELP, PRECISION_HELP, PRECISIONS, check_options
+from mt.config import resolve_decoding
 from mt.errors import MTError
 from mt.files import STDIO, AtomicFile, decode_lines, read_lines, read_stdin
 
@@ -71,13 +72,14 @@ def _output_lines(
     word alignment (fairseq's `i-j` pairs); a blank line gives a blank line."""
     from mt.translate.lines import one_line, translate_lines
 
+    decode = resolve_decoding(translator.config.decode, args.beam, args.nbest, args.max_tokens)
     if not args.alignment:
-        return translate_lines(translator, lines, args.beam, args.nbest, args.max_tokens, progress=progress)
+        return translate_lines(translator, lines, decode, progress=progress)
     from mt.translate.alignment import format_pairs, translate_and_attend
     from mt.translate.translator import Translator
 
     assert isinstance(translator, Translator), "translate_cli refuses --alignment with --model"
-    out = translate_and_attend(translator, lines, args.beam)
+    out = translate_and_attend(translator, lines, decode)
     return [f"{one_line(text)}\t{format_pairs(attn.pairs)}" if attn else "" for text, attn in out]
 
 

@@ -16,29 +16,27 @@ For greedy search that gives mt's output token for token (greedy outputs are pre
 runs); beam search differs where CTranslate2 stops (as soon as `beam` hypotheses have ended)
 before an unfinished hypothesis would have won.
 
-Batches are cut as Translator cuts them (mt.translate.lines) and, on a CPU, decoded side by side by
-CTranslate2's `inter_threads` workers, one batch each, on `intra_threads` threads: W workers
-(decode.inter_threads, 0 = one per core) with cores / W threads each.
+Batches are cut and run by Translator's loop (mt.translate.lines.decode_in_batches) and, on a CPU,
+decoded side by side by CTranslate2's `inter_threads` workers, one batch each, on `intra_threads`
+threads: W workers (decode.inter_threads, 0 = one per core) with cores / W threads each.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
 
-from mt.config import Config
+from mt.config import Config, DecodeConfig
 from mt.data.tokenizer import Tokenizer
 from mt.errors import ExportError, MTError
 from mt.export import read_manifest, require
 from mt.special import BOS, PAD
-from mt.translate.lines import batch_budget, encode_lines, length_batches, longest_first, max_output_length
+from mt.translate.lines import decode_in_batches, encode_lines, max_output_length, resolved
 
 if TYPE_CHECKING:  # an optional dependency (the export extra), imported when a model loads
     import ctranslate2
@@ -167,79 +165,53 @@ class CT2Translator:
             f"by len**alpha, the 'fairseq' penalty): re-export with --length-penalty fairseq"
         )
 
-    def _options(self, beam: int, nbest: int) -> dict[str, object]:
-        d = self.config.decode
-        if beam > 1 and (problem := self.beam_problem()) is not None:
+    def _options(self, decode: DecodeConfig) -> dict[str, object]:
+        if decode.beam > 1 and (problem := self.beam_problem()) is not None:
             raise MTError(f"{problem}, translate with --beam 1, or with the checkpoint")
         return {
-            "beam_size": beam,
-            "num_hypotheses": nbest,
-            "length_penalty": d.alpha,
-            "min_decoding_length": d.min_len,
+            "beam_size": decode.beam,
+            "num_hypotheses": decode.nbest,
+            "length_penalty": decode.alpha,
+            "min_decoding_length": decode.min_len,
             "max_input_length": 0,  # inputs are cut to the model's length before (encode_lines)
             "suppress_sequences": self._suppress,
             "return_scores": True,
         }
 
     def translate_ids(
-        self,
-        seqs: Sequence[np.ndarray],
-        beam: int | None = None,
-        nbest: int = 1,
-        max_tokens: int | None = None,
-        progress: bool = False,
+        self, seqs: Sequence[np.ndarray], decode: DecodeConfig, progress: bool = False
     ) -> list[list[Output]]:
-        """Translate token-id sequences (no specials); `nbest` (ids, score) per input, in order.
+        """Translate token-id sequences (no specials) with a resolved `decode`
+        (mt.config.resolve_decoding); decode.nbest (ids, score) per input, in order.
 
-        Batches are cut as mt.translate.translator.Translator cuts them and submitted to CTranslate2's
-        workers, the longest first; each worker has one running and at most one waiting, so
-        that Ctrl-C stops the run after the batches already submitted.
+        Batches are cut and run as mt.translate.translator.Translator's are
+        (mt.translate.lines.decode_in_batches): on a CPU, one thread per CTranslate2 worker
+        hands it a batch at a time, which CTranslate2 decodes with the GIL released.
         """
-        d = self.config.decode
-        beam = d.beam if beam is None else beam
-        if not 1 <= nbest <= beam:
-            raise ValueError(f"nbest must be in [1, beam={beam}], got {nbest}")
-        options = self._options(beam, nbest)
+        if not 1 <= decode.nbest <= decode.beam:
+            raise ValueError(f"nbest must be in [1, beam={decode.beam}], got {decode.nbest}")
+        options = self._options(decode)
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         cap = self.config.model.max_positions
-        limits = [max_output_length(int(n) + 1, d.max_len_a, d.max_len_b, cap) for n in lengths]
-        budget = batch_budget(lengths, max_tokens or d.max_tokens, self.workers)
-        batches = longest_first(length_batches(lengths, budget), lengths)
+        limits = [max_output_length(int(n) + 1, decode.max_len_a, decode.max_len_b, cap) for n in lengths]
         src = self.tokenizer.src
         tgt = self.tokenizer.tgt
-        results: list[list[Output]] = [[] for _ in seqs]
 
-        def submit(idx: np.ndarray) -> tuple[np.ndarray, list]:
+        def decode_batch(idx: np.ndarray) -> list[list[Output]]:
             pieces = [[src.id_to_piece(int(t)) for t in seqs[i]] for i in idx]
             longest = max(limits[i] for i in idx)
-            return idx, self.model.translate_batch(
-                pieces, max_decoding_length=longest, asynchronous=True, **options
-            )
+            outs = self.model.translate_batch(pieces, max_decoding_length=longest, **options)
+            results = []
+            for i, out in zip(idx, outs, strict=True):
+                hyps = zip(out.hypotheses, out.scores, strict=True)  # without EOS (return_end_token)
+                results.append(
+                    [([tgt.piece_to_id(p) for p in hyp][: limits[i]], score) for hyp, score in hyps]
+                )
+            return results
 
-        def collect(idx: np.ndarray, pending: list) -> None:
-            for i, result in zip(idx, pending, strict=True):
-                out = result.result()
-                hyps = []
-                for pieces, score in zip(out.hypotheses, out.scores, strict=True):
-                    ids = [tgt.piece_to_id(p) for p in pieces]  # without EOS (return_end_token)
-                    hyps.append((ids[: limits[i]], score))
-                results[i] = hyps
-
-        window: deque[tuple[np.ndarray, list]] = deque()
-        bar = tqdm(total=len(seqs), desc="translating", unit="sent", disable=not progress, file=sys.stderr)
-
-        def drain(keep: int) -> None:
-            while len(window) > keep:
-                idx, pending = window.popleft()
-                collect(idx, pending)
-                bar.update(len(idx))
-
-        with bar:
-            for idx in batches:
-                window.append(submit(idx))
-                drain(2 * self.workers)
-            drain(0)
-        return results
+        return decode_in_batches(
+            lengths, decode.max_tokens, decode_batch, self.workers, ThreadPoolExecutor, progress
+        )
 
     # ------------------------------------------------------------------ text
 
@@ -250,12 +222,15 @@ class CT2Translator:
         nbest: int = 1,
         max_tokens: int | None = None,
         progress: bool = False,
+        *,
+        decode: DecodeConfig | None = None,
     ) -> list[list[tuple[str, float]]]:
-        """The nbest (text, score) pairs per line, best first; an empty line gives [('', 0.0)]."""
-        beam = max(self.config.decode.beam if beam is None else beam, nbest)
+        """The nbest (text, score) pairs per line, best first; an empty line gives [('', 0.0)].
+        `decode` and the options as in mt.translate.translator.Translator.translate_nbest."""
+        decode = resolved(self.config.decode, decode, beam, nbest, max_tokens)
         keep = [i for i, line in enumerate(lines) if line.strip()]
         seqs = encode_lines(self.tokenizer, [lines[i] for i in keep], [i + 1 for i in keep], self.max_src_len)
-        hyps = self.translate_ids(seqs, beam=beam, nbest=nbest, max_tokens=max_tokens, progress=progress)
+        hyps = self.translate_ids(seqs, decode, progress=progress)
         out: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
         for i, hs in zip(keep, hyps, strict=True):
             texts = self.tokenizer.decode_tgt([ids for ids, _ in hs])

@@ -41,6 +41,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from mt.config import resolve_decoding
 from mt.errors import MTError
 from mt.serve.batcher import Batcher, DecoderFailure, Engine, RequestError, ServeLimits, as_engine
 
@@ -392,10 +393,8 @@ def create_app(engine: Engine | Any, limits: ServeLimits | None = None) -> FastA
         req = parse_body(body, TranslateRequest)
         lines = [req.text] if isinstance(req.text, str) else req.text
         check_lines(lines)
-        beam = check_beam(req.beam)
-        if req.nbest > beam:
-            raise RequestError(422, f"nbest ({req.nbest}) cannot exceed beam ({beam})")
-        out = await app.state.batcher.translate(lines, beam, req.nbest)
+        decode = resolve_decoding(config.decode, check_beam(req.beam), req.nbest)  # MTError: 422
+        out = await app.state.batcher.translate(lines, decode)
         if req.nbest == 1:
             return {"translations": [hyps[0][0] for hyps in out]}
         return {"translations": [[{"text": t, "score": s} for t, s in hyps] for hyps in out]}
@@ -408,7 +407,7 @@ def create_app(engine: Engine | Any, limits: ServeLimits | None = None) -> FastA
         check_lines([req.text])
         if not req.text.strip():
             raise RequestError(422, "text: nothing to translate")
-        beam = check_beam(req.beam)
+        decode = resolve_decoding(config.decode, check_beam(req.beam))
         picked = []
         for name, value, count in (
             ("layer", req.layer, decoder_layers),
@@ -424,8 +423,8 @@ def create_app(engine: Engine | Any, limits: ServeLimits | None = None) -> FastA
             raise RequestError(
                 413, f"text: {tokens} source tokens; /attention takes at most {limits.max_attention_tokens}"
             )
-        cost = (min(tokens, config.model.max_positions - 1) + 1) * beam
-        body = await app.state.batcher.attention(req.text, beam, *picked, cost=cost)
+        cost = (min(tokens, config.model.max_positions - 1) + 1) * decode.beam
+        body = await app.state.batcher.attention(req.text, decode, *picked, cost=cost)
         return Response(body, media_type="application/json")
 
     @app.get("/health")

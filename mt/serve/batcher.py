@@ -47,10 +47,10 @@ import json
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mt.config import Config
+from mt.config import Config, DecodeConfig
 from mt.data.tokenizer import Tokenizer
 from mt.errors import MTError
 
@@ -127,10 +127,12 @@ class Engine(Protocol):
     attention: bool  # whether it can answer /attention (a checkpoint can; an export cannot)
 
     def translate_nbest(
-        self, lines: Sequence[str], beam: int | None, nbest: int
+        self, lines: Sequence[str], decode: DecodeConfig
     ) -> list[list[tuple[str, float]]]: ...
 
-    def attention_body(self, text: str, beam: int | None, layer: int | None, head: int | None) -> bytes: ...
+    def attention_body(
+        self, text: str, decode: DecodeConfig, layer: int | None, head: int | None
+    ) -> bytes: ...
 
     def close(self) -> None: ...
 
@@ -138,14 +140,14 @@ class Engine(Protocol):
 
 
 def attention_body(
-    translator: Any, text: str, beam: int | None, layer: int | None, head: int | None
+    translator: Any, text: str, decode: DecodeConfig, layer: int | None, head: int | None
 ) -> bytes:
     """The JSON body of /attention: `translator`'s translation of `text`, its pieces, the cross-
     attention weights of one layer and head (None: their mean) with 3 decimals, and the word
     alignment. Built where the model runs (never on the event loop): it is the large part."""
     from mt.translate.alignment import translate_and_attend
 
-    ((translation, attn),) = translate_and_attend(translator, [text], beam)
+    ((translation, attn),) = translate_and_attend(translator, [text], decode)
     if attn is None:  # a blank line: app.py refuses those before they are queued
         raise MTError("text: nothing to translate")
     w = attn.weights
@@ -174,20 +176,18 @@ class LocalEngine:
         from mt.export.ct2_translator import CT2Translator
 
         self.translator = translator
-        self.config: Config = translator.config  # type: ignore[attr-defined]
-        self.tokenizer: Tokenizer = translator.tokenizer  # type: ignore[attr-defined]
+        self.config: Config = translator.config
+        self.tokenizer: Tokenizer = translator.tokenizer
         self.device = str(getattr(translator, "device", "ctranslate2"))
         if isinstance(translator, CT2Translator):
             self.device = f"ctranslate2 {translator.model.device} ({translator.model.compute_type})"
         self.attention = not isinstance(translator, CT2Translator)
 
-    def translate_nbest(
-        self, lines: Sequence[str], beam: int | None, nbest: int
-    ) -> list[list[tuple[str, float]]]:
-        return self.translator.translate_nbest(lines, beam=beam, nbest=nbest)
+    def translate_nbest(self, lines: Sequence[str], decode: DecodeConfig) -> list[list[tuple[str, float]]]:
+        return self.translator.translate_nbest(lines, decode=decode)
 
-    def attention_body(self, text: str, beam: int | None, layer: int | None, head: int | None) -> bytes:
-        return attention_body(self.translator, text, beam, layer, head)
+    def attention_body(self, text: str, decode: DecodeConfig, layer: int | None, head: int | None) -> bytes:
+        return attention_body(self.translator, text, decode, layer, head)
 
     def close(self) -> None:
         pass
@@ -207,8 +207,7 @@ def as_engine(engine: Engine | TextTranslator) -> Engine:
 @dataclass(eq=False)
 class _Job:
     lines: list[str]
-    beam: int | None
-    nbest: int
+    decode: DecodeConfig  # resolved (mt.config.resolve_decoding)
     cost: int
     future: asyncio.Future = field(repr=False)
     attention: tuple[int | None, int | None] | None = None  # (layer, head) of an /attention job
@@ -247,29 +246,29 @@ class Batcher:
     # ------------------------------------------------------------------ submitting
 
     async def translate(
-        self, lines: list[str], beam: int | None, nbest: int, cost: int | None = None
+        self, lines: list[str], decode: DecodeConfig, cost: int | None = None
     ) -> list[list[tuple[str, float]]]:
-        """The nbest (text, score) pairs of each line; Busy when refused or abandoned."""
-        return await self._submit(lines, beam, nbest, cost, None)
+        """The decode.nbest (text, score) pairs of each line, with a resolved `decode`; Busy when
+        refused or abandoned."""
+        return await self._submit(lines, decode, cost, None)
 
     async def attention(
-        self, text: str, beam: int | None, layer: int | None, head: int | None, cost: int | None = None
+        self, text: str, decode: DecodeConfig, layer: int | None, head: int | None, cost: int | None = None
     ) -> bytes:
-        """The JSON body of /attention (see `attention_body`)."""
-        return await self._submit([text], beam, 1, cost, (layer, head))
+        """The JSON body of /attention (see `attention_body`), with a resolved `decode`."""
+        return await self._submit([text], decode, cost, (layer, head))
 
     async def _submit(
         self,
         lines: list[str],
-        beam: int | None,
-        nbest: int,
+        decode: DecodeConfig,
         cost: int | None,
         attention: tuple[int | None, int | None] | None,
     ) -> Any:
         if self.closing:
             raise Busy(503, "the server is shutting down")
         if cost is None:
-            cost = self.cost(lines, beam or self.engine.config.decode.beam)
+            cost = self.cost(lines, decode.beam)
         limit = self.limits.max_queued_cost
         if cost > limit:
             raise Busy(413, f"this request is {cost} units of work (source tokens x beam); at most {limit}")
@@ -277,7 +276,7 @@ class Batcher:
             raise Busy(429, f"too much work queued ({self.queued_lines} lines); retry shortly")
         if self.queued_cost + cost > limit:
             raise Busy(429, f"too much work queued ({self.queued_cost} units); retry shortly")
-        job = _Job(lines, beam, nbest, cost, asyncio.get_running_loop().create_future(), attention)
+        job = _Job(lines, decode, cost, asyncio.get_running_loop().create_future(), attention)
         self.queued_lines += len(lines)
         self.queued_cost += cost
         self.pending.add(job)
@@ -337,12 +336,12 @@ class Batcher:
                     self._finish(job)
                 elif job in self.pending:  # (not: abandoned at the drain deadline)
                     live.append(job)
-            groups: dict[tuple[int | None, int], list[_Job]] = {}
+            groups: dict[tuple, list[_Job]] = {}
             for job in live:
                 if job.attention is not None:
                     await self._decode_group([job])
-                else:  # one call per (beam, nbest): those are settings of the search, not of a line
-                    groups.setdefault((job.beam, job.nbest), []).append(job)
+                else:  # one call per decoding setting (beam, nbest): a search's, not a line's
+                    groups.setdefault(astuple(job.decode), []).append(job)
             for group in groups.values():
                 await self._decode_group(group)
 
@@ -357,13 +356,13 @@ class Batcher:
             if job.attention is not None:
                 out = [
                     await loop.run_in_executor(
-                        self.executor, self.engine.attention_body, job.lines[0], job.beam, *job.attention
+                        self.executor, self.engine.attention_body, job.lines[0], job.decode, *job.attention
                     )
                 ]
             else:
                 lines = [line for j in group for line in j.lines]
                 flat = await loop.run_in_executor(
-                    self.executor, self.engine.translate_nbest, lines, job.beam, job.nbest
+                    self.executor, self.engine.translate_nbest, lines, job.decode
                 )
                 out, start = [], 0
                 for j in group:

@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from mt.config import Precision, from_dict, to_dict
+from mt.config import DecodeConfig, Precision, from_dict, to_dict
 from mt.data.tokenizer import Tokenizer
 from mt.errors import MTError
 from mt.serve.batcher import Busy, DecoderFailure, attention_body
@@ -72,7 +72,8 @@ def _child(conn: Connection, checkpoint: str, device: str | None, precision: Pre
             return
         try:
             if kind == "translate":
-                result: Any = translator.translate_nbest(*args)
+                lines, decode = args
+                result: Any = translator.translate_nbest(lines, decode=decode)
             else:
                 result = attention_body(translator, *args)
             conn.send(("ok", result))
@@ -135,13 +136,11 @@ class ProcessEngine:
                 raise Busy(503, "the decoder process is gone") from None
             return self._receive()[0]
 
-    def translate_nbest(
-        self, lines: Sequence[str], beam: int | None, nbest: int
-    ) -> list[list[tuple[str, float]]]:
-        return self._call("translate", list(lines), beam, nbest)
+    def translate_nbest(self, lines: Sequence[str], decode: DecodeConfig) -> list[list[tuple[str, float]]]:
+        return self._call("translate", list(lines), decode)
 
-    def attention_body(self, text: str, beam: int | None, layer: int | None, head: int | None) -> bytes:
-        return self._call("attention", text, beam, layer, head)
+    def attention_body(self, text: str, decode: DecodeConfig, layer: int | None, head: int | None) -> bytes:
+        return self._call("attention", text, decode, layer, head)
 
     def close(self) -> None:
         """Let the child finish and exit (it stops when the pipe closes)."""

@@ -40,7 +40,7 @@ from mt.checkpoint import (
     step_checkpoint_path,
     step_checkpoints,
 )
-from mt.config import Config, save_config, to_dict
+from mt.config import Config, resolve_decoding, save_config, to_dict
 from mt.data.dataset import Prepared, PreparedSplit, load_prepared
 from mt.data.prepare import is_up_to_date, prepare, pretrained_vocab, read_meta
 from mt.data.sources import inputs_reachable, source_configs
@@ -636,7 +636,7 @@ class Trainer:
         }
         if self.cfg.train.valid_bleu:
             seqs = [split.src(i)[:n] for i in range(len(split))]
-            hyps = translate_ids(model, seqs, self.cfg.decode, beam=1, device=self.device)
+            hyps = translate_ids(model, seqs, resolve_decoding(self.cfg.decode, beam=1), self.device)
             texts = self.data.tokenizer.decode_tgt([h[0].tokens for h in hyps])
             s = score(texts, self.data.text("valid", "tgt"))
             metrics.update(valid_bleu=s["bleu"], valid_chrf=s["chrf"])

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mt.config import DecodeConfig
 from mt.data.tokenizer import Tokenizer
 from mt.model import CrossAttention, DecoderLayer, Transformer
 from mt.special import BOS, EOS, PAD
@@ -120,13 +121,14 @@ def attention_of(
 
 
 def translate_and_attend(
-    translator: Translator, lines: Sequence[str], beam: int | None = None, batch: int = 32
+    translator: Translator, lines: Sequence[str], decode: DecodeConfig, batch: int = 32
 ) -> list[tuple[str, Attention | None]]:
-    """Each line's translation with what it attended to; a blank line gives ("", None)."""
+    """Each line's best translation with a resolved `decode` (mt.config.resolve_decoding) and
+    what it attended to; a blank line gives ("", None)."""
     keep = [i for i, line in enumerate(lines) if line.strip()]
     ids = translator.tokenizer.encode_src([lines[i].strip() for i in keep])
     seqs = [np.asarray(s[: translator.max_src_len], dtype=np.int64) for s in ids]
-    hyps = [hs[0].tokens for hs in translator.translate_ids(seqs, beam=beam)]
+    hyps = [hs[0].tokens for hs in translator.translate_ids(seqs, decode)]
     out: list[tuple[str, Attention | None]] = [("", None) for _ in lines]
     for start in range(0, len(keep), batch):
         part = slice(start, start + batch)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from mt.config import DecodeConfig, Precision
+from mt.config import DecodeConfig, Precision, resolve_decoding
 from mt.errors import DataError
 from mt.files import write_atomic
 
@@ -92,12 +92,9 @@ def evaluate_checkpoint(
     if precision is None and decode is not None:
         precision = decode.precision
     translator = Translator.from_checkpoint(ck_path, pick_device(device), precision)
-    if decode is not None:
-        translator.config.decode = dataclasses.replace(decode, precision=translator.config.decode.precision)
     precision = translator.config.decode.precision
-    return _evaluate(
-        translator, ck_path, src_lines, ref_lines, beam, max_tokens, name, precision, write, progress
-    )
+    settings = _settings(translator.config.decode, decode, beam, max_tokens)
+    return _evaluate(translator, ck_path, src_lines, ref_lines, settings, name, precision, write, progress)
 
 
 def evaluate_export(
@@ -122,14 +119,22 @@ def evaluate_export(
 
     _check_lines(src_lines, ref_lines, name)
     translator = CT2Translator.from_export(model_dir, device, compute_type=compute_type)
-    if decode is not None:
-        translator.config.decode = dataclasses.replace(decode, precision=translator.config.decode.precision)
+    settings = _settings(translator.config.decode, decode, beam, max_tokens)
     if compute_type in (None, "default"):
         compute_type = read_manifest(model_dir).quantization or "float32"
     label = f"ct2-{compute_type}"
     return _evaluate(
-        translator, Path(model_dir), src_lines, ref_lines, beam, max_tokens, name, label, write, progress
+        translator, Path(model_dir), src_lines, ref_lines, settings, name, label, write, progress
     )
+
+
+def _settings(
+    own: DecodeConfig, decode: DecodeConfig | None, beam: int | None, max_tokens: int | None
+) -> DecodeConfig:
+    """The evaluation's decoding: `decode` (else the model's own) in the model's precision, with
+    `beam` and `max_tokens` resolved, one hypothesis per line."""
+    base = own if decode is None else dataclasses.replace(decode, precision=own.precision)
+    return resolve_decoding(base, beam, 1, max_tokens)
 
 
 def _check_lines(src_lines: Sequence[str], ref_lines: Sequence[str], name: str) -> None:
@@ -144,8 +149,7 @@ def _evaluate(
     ck_path: Path | str,
     src_lines: Sequence[str],
     ref_lines: Sequence[str],
-    beam: int | None,
-    max_tokens: int | None,
+    decode: DecodeConfig,
     name: str,
     precision: str,
     write: bool,
@@ -153,9 +157,9 @@ def _evaluate(
 ) -> dict[str, Any]:
     from mt.translate.lines import translate_lines
 
-    beam = beam or translator.config.decode.beam  # type: ignore[attr-defined]
+    beam = decode.beam
     t0 = time.perf_counter()
-    hyps = translate_lines(translator, src_lines, beam, 1, max_tokens, progress=progress)
+    hyps = translate_lines(translator, src_lines, decode, progress=progress)
     seconds = time.perf_counter() - t0
 
     result: dict[str, Any] = {

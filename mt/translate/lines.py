@@ -5,24 +5,35 @@ CTranslate2 export (mt.export.ct2_translator.CT2Translator). Both keep one contr
 lives here so that neither can drift from it: source lines are stripped, encoded and cut to
 the model's length with a warning naming the line (`encode_lines`); sentences are sorted by
 length and cut into batches of at most `max_tokens` padded tokens (`length_batches`, with
-`batch_budget` for batches decoded side by side); and every input line gives exactly one
-output line, in order (`translate_lines`). Nothing here imports torch, so a CTranslate2
-export translates without loading it.
+`batch_budget` for batches decoded side by side) and decoded by one loop (`decode_in_batches`);
+and every input line gives exactly one output line, in order (`translate_lines`). Nothing
+here imports torch, so a CTranslate2 export translates without loading it.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from typing import Protocol
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from typing import Protocol, TypeVar
 
 import numpy as np
+from tqdm import tqdm
 
+from mt.config import Config, DecodeConfig, resolve_decoding
 from mt.data.tokenizer import Tokenizer
+
+R = TypeVar("R")
 
 
 class TextTranslator(Protocol):
-    """What `translate_lines` needs of a translator."""
+    """What `translate_lines` needs of a translator: its config (whose decode section the
+    edges resolve options against) and `translate_nbest`, which takes a resolved `decode`
+    as it is (beam, nbest and max_tokens are the Python API's, resolved against config.decode)."""
+
+    config: Config
+    tokenizer: Tokenizer
 
     def translate_nbest(
         self,
@@ -31,7 +42,21 @@ class TextTranslator(Protocol):
         nbest: int = 1,
         max_tokens: int | None = None,
         progress: bool = False,
+        *,
+        decode: DecodeConfig | None = None,
     ) -> list[list[tuple[str, float]]]: ...
+
+
+def resolved(
+    default: DecodeConfig, decode: DecodeConfig | None, beam: int | None, nbest: int, max_tokens: int | None
+) -> DecodeConfig:
+    """The settings of a `translate_nbest` call: `decode` as it is, or (the Python API) `beam`,
+    `nbest` and `max_tokens` resolved against the translator's `default`."""
+    if decode is None:
+        return resolve_decoding(default, beam, nbest, max_tokens)
+    if (beam, nbest, max_tokens) != (None, 1, None):
+        raise TypeError("give decode, or beam/nbest/max_tokens, not both")
+    return decode
 
 
 # --------------------------------------------------------------------------- input
@@ -93,6 +118,58 @@ def batch_budget(lengths: np.ndarray, max_tokens: int, workers: int) -> int:
     return min(max_tokens, max(1, int((lengths + 1).sum()) // (4 * workers)))
 
 
+def decode_in_batches(
+    lengths: np.ndarray,
+    max_tokens: int,
+    decode_batch: Callable[[np.ndarray], Sequence[R]],
+    workers: int = 1,
+    executor: Callable[[int], Executor] | None = None,
+    progress: bool = False,
+) -> list[R]:
+    """The one batch loop of every translator: `decode_batch(idx)`'s results (one per sentence of
+    `idx`, in its order) for each sentence of `lengths`, in input order.
+
+    Sentences are sorted by length and cut into batches of at most `max_tokens` padded tokens,
+    or for W `workers` side by side of at most 1/4W of the input (`batch_budget`), the longest
+    first. With `executor` and more than one batch, min(W, batches) workers decode them:
+    `executor(w)` is a pool of w threads, each with one batch running and at most one waiting,
+    so that an error or Ctrl-C stops the run after the batches already submitted; the others
+    are cancelled. Every sentence is decoded on its own, so the output depends on none of this.
+    """
+    batches = longest_first(length_batches(lengths, batch_budget(lengths, max_tokens, workers)), lengths)
+    results: dict[int, R] = {}
+    bar = tqdm(total=len(lengths), desc="translating", unit="sent", disable=not progress, file=sys.stderr)
+
+    def put(idx: np.ndarray, out: Sequence[R]) -> None:
+        for i, r in zip(idx.tolist(), out, strict=True):
+            results[i] = r
+        bar.update(len(idx))
+
+    with bar:
+        workers = min(workers, len(batches))
+        if executor is None or workers <= 1:
+            for idx in batches:
+                put(idx, decode_batch(idx))
+        else:
+            pool = executor(workers)
+            window: deque[tuple[np.ndarray, Future[Sequence[R]]]] = deque()
+            try:
+                for idx in batches:
+                    window.append((idx, pool.submit(decode_batch, idx)))
+                    while len(window) > 2 * workers:
+                        put(*_done(window.popleft()))
+                while window:
+                    put(*_done(window.popleft()))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    return [results[i] for i in range(len(lengths))]
+
+
+def _done(item: tuple[np.ndarray, Future[Sequence[R]]]) -> tuple[np.ndarray, Sequence[R]]:
+    idx, future = item
+    return idx, future.result()
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -109,16 +186,13 @@ def format_nbest(hyps: Sequence[tuple[str, float]], nbest: int) -> str:
 
 
 def translate_lines(
-    translator: TextTranslator,
-    lines: Sequence[str],
-    beam: int | None = None,
-    nbest: int = 1,
-    max_tokens: int | None = None,
-    progress: bool = False,
+    translator: TextTranslator, lines: Sequence[str], decode: DecodeConfig, progress: bool = False
 ) -> list[str]:
-    """Output lines (without newlines) for `lines`, exactly one per input line, in order."""
-    hyps = translator.translate_nbest(lines, beam=beam, nbest=nbest, max_tokens=max_tokens, progress=progress)
+    """Output lines (without newlines) for `lines`, exactly one per input line, in order, with
+    `decode` resolved (mt.config.resolve_decoding): decode.nbest hypotheses on each line."""
+    hyps = translator.translate_nbest(lines, progress=progress, decode=decode)
     if len(hyps) != len(lines):  # the contract `mt translate` exists for
         raise RuntimeError(f"translator returned {len(hyps)} results for {len(lines)} lines")
     # A blank line gives a blank line, also with --nbest (not a lone "<TAB>score").
+    nbest = decode.nbest
     return [format_nbest(h, nbest) if line.strip() else "" for line, h in zip(lines, hyps, strict=True)]

@@ -8,20 +8,22 @@
 Sentences are sorted by length and cut into batches of at most `max_tokens`
 padded source tokens, then put back in input order, so one call with many
 sentences is fast and its output is aligned with its input line for line.
+Below the Python API (and the CLI, the evaluator, the server, training validation,
+which resolve their options with mt.config.resolve_decoding), everything takes one
+resolved DecodeConfig as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mt.checkpoint import load_model
 from mt.config import Config, DecodeConfig, Precision
@@ -29,7 +31,7 @@ from mt.data.tokenizer import Tokenizer
 from mt.device import DTYPES, decode_precision, pick_device
 from mt.model import Transformer
 from mt.special import EOS, PAD
-from mt.translate.lines import batch_budget, encode_lines, length_batches, longest_first
+from mt.translate.lines import decode_in_batches, encode_lines, resolved
 
 # The output-line contract lives in mt.translate.lines (no torch there); its names are importable here.
 from mt.translate.lines import format_nbest as format_nbest
@@ -54,15 +56,6 @@ def pad_sources(seqs: list[np.ndarray], device: torch.device) -> torch.Tensor:
 _THREAD_COUNT = threading.Lock()
 
 
-def _collect(
-    done: Iterable[tuple[np.ndarray, list[list[Hypothesis]]]], results: list[list[Hypothesis]]
-) -> None:
-    """Put each batch's hypotheses in its sentences' places."""
-    for idx, hyps in done:
-        for i, h in zip(idx, hyps, strict=True):
-            results[i] = h
-
-
 def cpu_workers(decode: DecodeConfig, device: torch.device) -> int:
     """How many batches Translator decodes at once: see DecodeConfig.inter_threads."""
     if device.type != "cpu":
@@ -71,55 +64,59 @@ def cpu_workers(decode: DecodeConfig, device: torch.device) -> int:
 
 
 def search_batch(
-    model: Transformer,
-    seqs: Sequence[np.ndarray],
-    decode: DecodeConfig,
-    beam: int,
-    nbest: int,
-    device: torch.device,
+    model: Transformer, seqs: Sequence[np.ndarray], decode: DecodeConfig, device: torch.device
 ) -> list[list[Hypothesis]]:
-    """Search one batch of token-id sequences: greedy for beam 1 with nbest 1, else beam search."""
+    """Search one batch of token-id sequences with a resolved `decode` (its beam and nbest):
+    greedy for beam 1 with nbest 1, else beam search."""
     src = pad_sources([np.asarray(s) for s in seqs], device)
-    # Each option by name: a dict of them would hold a union type that mypy cannot check.
-    if beam == 1 and nbest == 1:
-        found = greedy(
-            model, src, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b, min_len=decode.min_len,
-            length_penalty=decode.length_penalty, alpha=decode.alpha
-        )
-        return [[h] for h in found]
-    return beam_search(
-        model, src, beam=beam, nbest=nbest, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b,
-        min_len=decode.min_len, length_penalty=decode.length_penalty, alpha=decode.alpha
+    d = decode
+    settings: dict[str, Any] = dict(
+        max_len_a=d.max_len_a,
+        max_len_b=d.max_len_b,
+        min_len=d.min_len,
+        length_penalty=d.length_penalty,
+        alpha=d.alpha,
     )
+    if d.beam == 1 and d.nbest == 1:
+        return [[h] for h in greedy(model, src, **settings)]
+    return beam_search(model, src, beam=d.beam, nbest=d.nbest, **settings)
 
 
 def translate_ids(
     model: Transformer,
     seqs: Sequence[np.ndarray],
     decode: DecodeConfig,
-    *,
-    beam: int | None = None,
-    nbest: int = 1,
-    max_tokens: int | None = None,
     device: torch.device | None = None,
+    workers: int = 1,
     progress: bool = False,
 ) -> list[list[Hypothesis]]:
-    """Translate token-id sequences (no specials); returns nbest hypotheses per input, in order.
+    """Translate token-id sequences (no specials) with a resolved `decode`
+    (mt.config.resolve_decoding); returns decode.nbest hypotheses per input, in order.
 
-    The model must be in eval mode (the caller's to set). Sentences are sorted by length
-    and cut into batches of at most `max_tokens` (default decode.max_tokens) padded tokens,
-    searched one after another; `Translator` decodes them side by side on CPU threads.
+    The model must be in eval mode (the caller's to set). Batches of at most decode.max_tokens
+    padded tokens go through mt.translate.lines.decode_in_batches; with `workers` > 1 (on a
+    CPU) that many threads decode them side by side, torch's threads shared out among them.
+    Decoding is mostly small operations that one thread runs as fast as two, so W batches side
+    by side beat one batch on W threads (measured: 15-25% on 2 cores).
     """
-    beam = decode.beam if beam is None else beam
     device = device or next(model.parameters()).device
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    results: list[list[Hypothesis]] = [[] for _ in seqs]
-    with tqdm(total=len(seqs), desc="translating", unit="sent", disable=not progress, file=sys.stderr) as bar:
-        for idx in length_batches(lengths, max_tokens or decode.max_tokens):
-            hyps = search_batch(model, [seqs[i] for i in idx], decode, beam, nbest, device)
-            _collect([(idx, hyps)], results)
-            bar.update(len(idx))
-    return results
+
+    def decode_batch(idx: np.ndarray) -> list[list[Hypothesis]]:
+        return search_batch(model, [seqs[i] for i in idx], decode, device)
+
+    if workers <= 1:
+        return decode_in_batches(lengths, decode.max_tokens, decode_batch, progress=progress)
+    with _THREAD_COUNT:
+        threads = torch.get_num_threads()
+
+        def pool(w: int) -> ThreadPoolExecutor:
+            return ThreadPoolExecutor(w, initializer=torch.set_num_threads, initargs=(max(1, threads // w),))
+
+        try:
+            return decode_in_batches(lengths, decode.max_tokens, decode_batch, workers, pool, progress)
+        finally:
+            torch.set_num_threads(threads)
 
 
 class Translator:
@@ -149,54 +146,12 @@ class Translator:
         return cls(model, tokenizer, config, dev)
 
     def translate_ids(
-        self,
-        seqs: Sequence[np.ndarray],
-        beam: int | None = None,
-        nbest: int = 1,
-        max_tokens: int | None = None,
-        progress: bool = False,
+        self, seqs: Sequence[np.ndarray], decode: DecodeConfig, progress: bool = False
     ) -> list[list[Hypothesis]]:
-        """`translate_ids` with this translator's model, on W = cpu_workers() threads on CPU.
-
-        Each of the W threads decodes its own batches with torch's threads shared out among
-        them (1 each by default). Decoding is mostly small operations that one thread runs as
-        fast as two, so W batches side by side beat one batch on W threads (measured: 15-25%
-        on 2 cores). Batches are then cut to at most 1/4W of the input, so that the threads
-        finish together, and the longest go first. Every sentence is decoded on its own, so
-        the output does not depend on any of this. An error or Ctrl-C drops the batches not
-        yet started.
-        """
-        decode = self.config.decode
-        beam = decode.beam if beam is None else beam
-        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        """`translate_ids` with this translator's model and a resolved `decode`, on
+        cpu_workers() threads on a CPU."""
         workers = cpu_workers(decode, self.device)
-        budget = batch_budget(lengths, max_tokens or decode.max_tokens, workers)
-        batches = length_batches(lengths, budget)
-        workers = max(1, min(workers, len(batches)))
-        if workers == 1:
-            return translate_ids(
-                self.model, seqs, decode, beam=beam, nbest=nbest, max_tokens=budget, progress=progress
-            )
-        results: list[list[Hypothesis]] = [[] for _ in seqs]
-        bar = tqdm(total=len(seqs), desc="translating", unit="sent", disable=not progress, file=sys.stderr)
-
-        def run(idx: np.ndarray) -> tuple[np.ndarray, list[list[Hypothesis]]]:
-            hyps = search_batch(self.model, [seqs[i] for i in idx], decode, beam, nbest, self.device)
-            bar.update(len(idx))
-            return idx, hyps
-
-        order = longest_first(batches, lengths)
-        with _THREAD_COUNT, bar:
-            threads = torch.get_num_threads()
-            intra = max(1, threads // workers)
-            pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(intra,))
-            try:
-                _collect(pool.map(run, order), results)
-            finally:
-                # On an error or Ctrl-C, batches not started are dropped, not run.
-                pool.shutdown(wait=True, cancel_futures=True)
-                torch.set_num_threads(threads)
-        return results
+        return translate_ids(self.model, seqs, decode, self.device, workers, progress)
 
     def _encode(self, lines: Sequence[str], numbers: Sequence[int]) -> list[np.ndarray]:
         """Token ids of `lines`; `numbers` are their 1-based line numbers, for the warning."""
@@ -209,12 +164,16 @@ class Translator:
         nbest: int = 1,
         max_tokens: int | None = None,
         progress: bool = False,
+        *,
+        decode: DecodeConfig | None = None,
     ) -> list[list[tuple[str, float]]]:
-        """The nbest (text, score) pairs per line, best first; an empty line gives [('', 0.0)]."""
-        beam = max(self.config.decode.beam if beam is None else beam, nbest)
+        """The nbest (text, score) pairs per line, best first; an empty line gives [('', 0.0)].
+        `decode` (resolved: mt.config.resolve_decoding) is taken as it is; without it, `beam`,
+        `nbest` and `max_tokens` are resolved against this translator's config.decode."""
+        decode = resolved(self.config.decode, decode, beam, nbest, max_tokens)
         keep = [i for i, line in enumerate(lines) if line.strip()]
         seqs = self._encode([lines[i] for i in keep], [i + 1 for i in keep])
-        hyps = self.translate_ids(seqs, beam=beam, nbest=nbest, max_tokens=max_tokens, progress=progress)
+        hyps = self.translate_ids(seqs, decode, progress=progress)
         out: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
         for i, hs in zip(keep, hyps, strict=True):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hs])

@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 import mt.export.ct2
 from mt.checkpoint import load_checkpoint, save_checkpoint
 from mt.cli import main
+from mt.config import resolve_decoding
 from mt.errors import ExportError
 from mt.export import MANIFEST, read_manifest
 from mt.export.ct2 import check_expressible, transformer_spec_of, write_ctranslate2
@@ -96,7 +97,9 @@ def test_ctranslate2_greedy_search_is_mt_greedy_search_token_for_token(layout, c
     ours = Translator.from_checkpoint(ck, "cpu", "fp32")
     ct2 = CT2Translator.from_export(export("ctranslate2", ck, tmp_path / "ct2"), "cpu")
     seqs = source_ids(ours)
-    assert [h[0][0] for h in ct2.translate_ids(seqs, beam=1)] == mt_greedy(ours, seqs)
+    assert [
+        h[0][0] for h in ct2.translate_ids(seqs, resolve_decoding(ct2.config.decode, beam=1))
+    ] == mt_greedy(ours, seqs)
 
 
 def test_ctranslate2_beam_search_differs_from_ours_only_where_it_stops_earlier(checkpoint_of, tmp_path):
@@ -106,8 +109,8 @@ def test_ctranslate2_beam_search_differs_from_ours_only_where_it_stops_earlier(c
     ours = Translator.from_checkpoint(ck, "cpu", "fp32")
     ct2 = CT2Translator.from_export(export("ctranslate2", ck, tmp_path / "ct2"), "cpu")
     seqs = source_ids(ours)
-    mine = [h[0] for h in ours.translate_ids(seqs, beam=3)]
-    theirs = [h[0][0] for h in ct2.translate_ids(seqs, beam=3)]
+    mine = [h[0] for h in ours.translate_ids(seqs, resolve_decoding(ours.config.decode, beam=3))]
+    theirs = [h[0][0] for h in ct2.translate_ids(seqs, resolve_decoding(ct2.config.decode, beam=3))]
     differ = [(s, h, t) for s, h, t in zip(seqs, mine, theirs, strict=True) if h.tokens != t]
     d = ours.config.decode
     for s, h, t in differ:
@@ -194,7 +197,7 @@ def test_quantized_exports_are_smaller_and_hold_the_checkpoints_weights(peaked, 
         errors = [np.abs(np.asarray(t.log_probs) - e) for t, e in zip(scored, expected, strict=True)]
         worst = max(float(e.max()) for e in errors)
         assert worst <= QUANTIZED_WEIGHTS_ATOL, (quantization, worst)
-        got = [h[0][0] for h in small.translate_ids(seqs, beam=1)]
+        got = [h[0][0] for h in small.translate_ids(seqs, resolve_decoding(small.config.decode, beam=1))]
         assert_agree_up_to_near_ties(ours.model, sources, reference, got, min_equal=len(seqs) - 1)
 
 
@@ -209,7 +212,7 @@ def test_int8_exports_compute_in_int8_on_any_cpu(peaked, tmp_path):
             export("ctranslate2", ck, tmp_path / quantization, "--quantization", quantization), "cpu"
         )
         assert int8.model.compute_type == "int8_float32"  # the CPU's int8 kernels, whichever they are
-        outputs = int8.translate_ids(seqs, beam=1)
+        outputs = int8.translate_ids(seqs, resolve_decoding(int8.config.decode, beam=1))
         assert len(outputs) == len(seqs)
         for s, [(ids, score)] in zip(seqs, outputs, strict=True):
             assert len(ids) <= max_output_length(len(s) + 1, d.max_len_a, d.max_len_b, cap)
@@ -218,7 +221,6 @@ def test_int8_exports_compute_in_int8_on_any_cpu(peaked, tmp_path):
 
 
 # --------------------------------------------------------------------------- CTranslate2: the directory
-
 
 
 def test_the_ctranslate2_directory_is_self_contained_and_its_readme_example_runs(checkpoint_of, tmp_path):

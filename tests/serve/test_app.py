@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import SERVE_LIMITS, SERVE_SRC, SwitchEngine
 
+from mt.config import resolve_decoding
 from mt.serve.app import create_app
 from mt.serve.batcher import Batcher, Busy, ServeLimits
 
@@ -89,7 +90,9 @@ def test_health_schema_and_an_offline_page(client):
 def test_attention_gives_one_layer_and_head_or_their_mean_in_compact_numbers(client, translator):
     from mt.translate.alignment import translate_and_attend
 
-    ((text, attn),) = translate_and_attend(translator, [SERVE_SRC[0]], 2)
+    ((text, attn),) = translate_and_attend(
+        translator, [SERVE_SRC[0]], resolve_decoding(translator.config.decode, 2)
+    )
     for layer, head in (("mean", "mean"), (0, 1), (0, "mean")):
         r = client.post("/attention", json={"text": SERVE_SRC[0], "beam": 2, "layer": layer, "head": head})
         assert r.status_code == 200, r.text
@@ -175,21 +178,25 @@ def test_a_request_costlier_than_the_queue_is_413_and_a_full_queue_429(translato
         batcher = Batcher(engine, ServeLimits(max_queued_cost=40, batch_window_ms=1))
         batcher.start()
         engine.go.clear()
-        held = asyncio.ensure_future(batcher.translate(["ein hund"], 2, 1))  # decoding, held
+        held = asyncio.ensure_future(
+            batcher.translate(["ein hund"], resolve_decoding(translator.config.decode, 2, 1))
+        )  # decoding, held
         await asyncio.sleep(0.05)
         # The longest line that fits alone, which does not fit beside the first.
         words = max(n for n in range(1, 40) if batcher.cost(["ein " * n], 2) <= 40)
         assert batcher.queued_cost + batcher.cost(["ein " * words], 2) > 40
         for ask in (
-            batcher.translate(["ein " * words], 2, 1),
-            batcher.attention("ein " * words, 2, None, None),
+            batcher.translate(["ein " * words], resolve_decoding(translator.config.decode, 2, 1)),
+            batcher.attention("ein " * words, resolve_decoding(translator.config.decode, 2), None, None),
         ):
             with pytest.raises(Busy, match=r"too much work queued \(\d+ units\)") as full:
                 await ask
             assert full.value.status == 429
         engine.go.set()
         await held
-        assert await batcher.translate(["ein " * words], 2, 1)  # room again
+        assert await batcher.translate(
+            ["ein " * words], resolve_decoding(translator.config.decode, 2, 1)
+        )  # room again
         await batcher.stop()
 
     asyncio.run(run())

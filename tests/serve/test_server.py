@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import SERVE_LIMITS, SERVE_SRC, error_line, free_port, post, start_server
 
+from mt.config import resolve_decoding
 from mt.errors import MTError
 from mt.serve.app import create_app
 from mt.serve.batcher import ServeLimits
@@ -164,19 +165,22 @@ def test_the_decoder_process_answers_as_the_checkpoint_and_is_replaced_when_it_d
     try:
         assert engine.config.name == translator.config.name and engine.device == "cpu"
         got, want = (
-            engine.translate_nbest(SERVE_SRC[:3], 2, 2),
+            engine.translate_nbest(SERVE_SRC[:3], resolve_decoding(translator.config.decode, 2, 2)),
             translator.translate_nbest(SERVE_SRC[:3], beam=2, nbest=2),
         )
         assert [[t for t, _ in hs] for hs in got] == [[t for t, _ in hs] for hs in want]
         assert [s for hs in got for _, s in hs] == pytest.approx([s for hs in want for _, s in hs], abs=1e-5)
         os.kill(engine.process.pid, signal.SIGKILL)  # as the kernel's OOM killer would
         engine.process.join(10)
-        assert [hs[0][0] for hs in engine.translate_nbest(SERVE_SRC[:3], 1, 1)] == translator.translate(
-            SERVE_SRC[:3], beam=1
-        )
+        assert [
+            hs[0][0]
+            for hs in engine.translate_nbest(SERVE_SRC[:3], resolve_decoding(translator.config.decode, 1, 1))
+        ] == translator.translate(SERVE_SRC[:3], beam=1)
         assert engine.restarts == 1
         with pytest.raises(MTError, match="nothing to translate"):
-            engine.attention_body("   ", 1, None, None)  # an MTError in the child is one here
+            engine.attention_body(
+                "   ", resolve_decoding(translator.config.decode, 1), None, None
+            )  # an MTError in the child is one here
     finally:
         engine.close()
     assert not engine.process.is_alive()

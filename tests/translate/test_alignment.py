@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import synthetic_pairs
 
+from mt.config import resolve_decoding
 from mt.model import _merge_heads
 from mt.special import EOS, PAD
 from mt.translate.alignment import (
@@ -76,7 +77,7 @@ def test_each_target_word_aligns_to_the_source_word_it_attends_to_most():
 
 def test_translations_with_attention_keep_blank_lines_and_match_translate(translator):
     lines = [*synthetic_pairs(3, seed=4)[0], "", "  "]
-    out = translate_and_attend(translator, lines, beam=2)
+    out = translate_and_attend(translator, lines, resolve_decoding(translator.config.decode, beam=2))
     assert [text for text, _ in out] == translator.translate(lines, beam=2)
     assert out[3] == ("", None) and out[4] == ("", None)
     for line, (_, attn) in zip(lines[:3], out[:3], strict=True):

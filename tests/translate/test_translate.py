@@ -19,7 +19,7 @@ import torch
 from helpers import KILLED, REPO, build_checkpoint, error_line, one_thread, run_mt, synthetic_pairs
 
 from mt.cli import main
-from mt.config import DecodeConfig
+from mt.config import DecodeConfig, resolve_decoding
 from mt.errors import DataError
 from mt.files import decode_lines
 from mt.translate.search import greedy
@@ -400,9 +400,9 @@ def test_batches_on_threads_give_the_same_output(translator, beam, monkeypatch):
     three = DecodeConfig(beam=beam, max_len_b=5, inter_threads=3)
     assert cpu_workers(three, torch.device("cpu")) == 3
     assert cpu_workers(three, torch.device("meta")) == 1  # only on CPU
-    ref = translate_ids(translator.model, seqs, one, max_tokens=64)  # one batch after another
+    ref = translate_ids(translator.model, seqs, resolve_decoding(one, max_tokens=64))  # one after another
     monkeypatch.setattr(translator.config, "decode", three)
-    out = translator.translate_ids(seqs, max_tokens=64)  # three side by side
+    out = translator.translate_ids(seqs, resolve_decoding(three, max_tokens=64))  # three side by side
     assert torch.get_num_threads() == 1  # restored
     assert [[h.tokens for h in hs] for hs in out] == [[h.tokens for h in hs] for hs in ref]
 
@@ -421,7 +421,7 @@ def test_an_error_on_a_thread_stops_the_rest(translator, monkeypatch):
     monkeypatch.setattr(translator.config.decode, "inter_threads", 2)
     seqs = _ids(translator, 40)
     with pytest.raises(RuntimeError, match="boom"):
-        translator.translate_ids(seqs, beam=1, max_tokens=16)
+        translator.translate_ids(seqs, resolve_decoding(translator.config.decode, beam=1, max_tokens=16))
     # About 20 batches (of at most 16 tokens): all but the failing one and those already running
     # on the two threads when it failed are dropped (which of them fails first is a race).
     assert len(calls) <= 6
@@ -439,7 +439,7 @@ def test_each_thread_gets_its_share_and_the_count_is_restored(translator, monkey
     seqs = _ids(translator, 24)
     torch.set_num_threads(2)
     try:
-        translator.translate_ids(seqs, beam=1, max_tokens=64)
+        translator.translate_ids(seqs, resolve_decoding(translator.config.decode, beam=1, max_tokens=64))
         assert len(seen) > 2 and set(seen) == {1}  # 2 batches at a time, one torch thread each
         assert torch.get_num_threads() == 2
         later: list[int] = []
