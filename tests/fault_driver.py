@@ -30,7 +30,9 @@ from collections.abc import Callable
 import torch
 
 import mt.data.prepare
+import mt.train.metrics_log
 import mt.train.trainer
+import mt.train.validation
 import mt.translate.translator
 from mt.cli import main
 
@@ -56,7 +58,7 @@ def die_in_update(at: int | None, name: str) -> None:
 
 
 def die_in_validation(at: int | None, name: str) -> None:
-    real_validate, real_translate = Trainer.validate, mt.train.trainer.translate_ids
+    real_validate, real_translate = Trainer.validate, mt.train.validation.translate_ids
     current = {}
 
     def validate(self):
@@ -69,7 +71,7 @@ def die_in_validation(at: int | None, name: str) -> None:
         return real_translate(*args, **kwargs)
 
     Trainer.validate = validate
-    mt.train.trainer.translate_ids = translate_ids
+    mt.train.validation.translate_ids = translate_ids
 
 
 def die_while_saving(at: int | None, name: str) -> None:
@@ -101,7 +103,7 @@ def die_after_saving(at: int | None, name: str) -> None:
 
 
 def die_mid_metrics_line(at: int | None, name: str) -> None:
-    real_write = mt.train.trainer.MetricsLog.write
+    real_write = mt.train.metrics_log.MetricsLog.write
 
     def write(self, **record):
         if record["step"] == at:
@@ -111,7 +113,7 @@ def die_mid_metrics_line(at: int | None, name: str) -> None:
             die()
         real_write(self, **record)
 
-    mt.train.trainer.MetricsLog.write = write
+    mt.train.metrics_log.MetricsLog.write = write
 
 
 WAITING = "WAITING"

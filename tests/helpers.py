@@ -528,3 +528,36 @@ def wmt14_repository(root: Path) -> Path:
             configs.append(f"  - split: {split}\n    path: {config}/{split}-*")
     (repo / "README.md").write_text(WMT14_CARD.format(configs="\n".join(configs)))
     return repo
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def train_config(tmp_path: Path, corpus: Path, *overrides: str) -> Config:
+    """The config of corpus_config with a small token budget, and `overrides`."""
+    return load_config(corpus_config(tmp_path, corpus), ["train.max_tokens=400", *overrides])
+
+
+def same_contents(a: object, b: object, where: str = "") -> None:
+    """Deep equality of checkpoint contents, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            same_contents(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            same_contents(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+
+def run_metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    for r in rows:
+        r.pop("tok_s", None)  # throughput, the one timing-dependent value
+    return rows
+

@@ -12,9 +12,16 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from mt.errors import ConfigError
+from mt.model import Transformer
+from mt.translate.alignment import cross_attention
+from mt.translate.translator import pad_sources
+
+BOARD_SENTENCES = 3  # validation sentences whose attention TensorBoard shows
 
 SCALARS = {
     "train": ("loss", "nll", "ppl", "lr", "grad_norm", "tok_s"),
@@ -50,3 +57,15 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def draw_attention(
+    board: TensorBoard, step: int, model: Transformer, seqs: list[np.ndarray], hyps: list[list[int]],
+    device: torch.device,
+) -> None:
+    """The last decoder layer's cross-attention (heads averaged) of the first validation
+    sentences' greedy translations (BOARD_SENTENCES of `seqs`), as TensorBoard images."""
+    seqs = seqs[:BOARD_SENTENCES]
+    src = pad_sources(seqs, device)
+    for i, weights in enumerate(cross_attention(model, src, hyps[: len(seqs)])):
+        board.attention(step, i, weights[-1].mean(0))

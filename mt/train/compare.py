@@ -33,7 +33,7 @@ from sacrebleu.significance import PairedTest, Result
 from mt.config import Config, load_saved_config, to_dict
 from mt.errors import MTError
 from mt.files import read_lines
-from mt.train.trainer import flatten
+from mt.train.resume import flatten
 from mt.translate.evaluate import output_paths
 
 SIGNIFICANCE = 0.05  # sacreBLEU's threshold: a p-value below it is marked significant
