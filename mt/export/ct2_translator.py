@@ -36,7 +36,7 @@ from mt.data.tokenizer import Tokenizer
 from mt.errors import ExportError, MTError
 from mt.export import read_manifest, require
 from mt.special import BOS, PAD
-from mt.translate.lines import decode_in_batches, encode_lines, max_output_length, resolved
+from mt.translate.lines import decode_in_batches, max_output_length, resolved, translate_text
 
 if TYPE_CHECKING:  # an optional dependency (the export extra), imported when a model loads
     import ctranslate2
@@ -228,14 +228,10 @@ class CT2Translator:
         """The nbest (text, score) pairs per line, best first; an empty line gives [('', 0.0)].
         `decode` and the options as in mt.translate.translator.Translator.translate_nbest."""
         decode = resolved(self.config.decode, decode, beam, nbest, max_tokens)
-        keep = [i for i, line in enumerate(lines) if line.strip()]
-        seqs = encode_lines(self.tokenizer, [lines[i] for i in keep], [i + 1 for i in keep], self.max_src_len)
-        hyps = self.translate_ids(seqs, decode, progress=progress)
-        out: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
-        for i, hs in zip(keep, hyps, strict=True):
-            texts = self.tokenizer.decode_tgt([ids for ids, _ in hs])
-            out[i] = [(t, score) for t, (_, score) in zip(texts, hs, strict=True)]
-        return out
+        def scored(seqs: list[np.ndarray]) -> list[list[Output]]:
+            return self.translate_ids(seqs, decode, progress=progress)
+
+        return translate_text(self.tokenizer, lines, self.max_src_len, scored)
 
     def translate(
         self,

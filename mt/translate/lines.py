@@ -81,6 +81,26 @@ def encode_lines(
     return out
 
 
+Scored = Sequence[tuple[list[int], float]]  # a sentence's hypotheses: target ids and score, best first
+
+
+def translate_text(
+    tokenizer: Tokenizer,
+    lines: Sequence[str],
+    max_len: int,
+    translate_ids: Callable[[list[np.ndarray]], Sequence[Scored]],
+) -> list[list[tuple[str, float]]]:
+    """The text side every translator shares: blank lines give [('', 0.0)] and are not
+    translated; the others are encoded (encode_lines), translated by `translate_ids`, and
+    decoded to (text, score) pairs, best first, in the order of `lines`."""
+    keep = [i for i, line in enumerate(lines) if line.strip()]
+    hyps = translate_ids(encode_lines(tokenizer, [lines[i] for i in keep], [i + 1 for i in keep], max_len))
+    out: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
+    for i, hs in zip(keep, hyps, strict=True):
+        texts = tokenizer.decode_tgt([ids for ids, _ in hs])
+        out[i] = [(t, score) for t, (_, score) in zip(texts, hs, strict=True)]
+    return out
+
 def length_batches(lengths: np.ndarray, max_tokens: int, max_sentences: int = 512) -> list[np.ndarray]:
     """Indices sorted by length, cut so that n * (longest + 1) <= max_tokens."""
     order = np.argsort(lengths, kind="stable")

@@ -31,7 +31,7 @@ from mt.data.tokenizer import Tokenizer
 from mt.device import DTYPES, decode_precision, pick_device
 from mt.model import Transformer
 from mt.special import EOS, PAD
-from mt.translate.lines import decode_in_batches, encode_lines, resolved
+from mt.translate.lines import decode_in_batches, encode_lines, resolved, translate_text
 
 # The output-line contract lives in mt.translate.lines (no torch there); its names are importable here.
 from mt.translate.lines import format_nbest as format_nbest
@@ -171,14 +171,12 @@ class Translator:
         `decode` (resolved: mt.config.resolve_decoding) is taken as it is; without it, `beam`,
         `nbest` and `max_tokens` are resolved against this translator's config.decode."""
         decode = resolved(self.config.decode, decode, beam, nbest, max_tokens)
-        keep = [i for i, line in enumerate(lines) if line.strip()]
-        seqs = self._encode([lines[i] for i in keep], [i + 1 for i in keep])
-        hyps = self.translate_ids(seqs, decode, progress=progress)
-        out: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
-        for i, hs in zip(keep, hyps, strict=True):
-            texts = self.tokenizer.decode_tgt([h.tokens for h in hs])
-            out[i] = [(t, h.score) for t, h in zip(texts, hs, strict=True)]
-        return out
+
+        def scored(seqs: list[np.ndarray]) -> list[list[tuple[list[int], float]]]:
+            hyps = self.translate_ids(seqs, decode, progress=progress)
+            return [[(h.tokens, h.score) for h in hs] for hs in hyps]
+
+        return translate_text(self.tokenizer, lines, self.max_src_len, scored)
 
     def translate(
         self,
