@@ -131,6 +131,34 @@ def beam_differences(
     return causes
 
 
+@torch.inference_mode()
+def step_costs(
+    model: Transformer, src_len: int = 14, past: int = 10, repeats: int = 30
+) -> tuple[float, float]:
+    """One decoder step's cost on this CPU, as a fixed part and a part per decoder row (seconds):
+    steps at 1 and 32 rows, `past` tokens already in the cache, a line fitted through the fastest
+    of `repeats` steps at each size. The fixed part is what batching cannot share out."""
+    times = {}
+    for rows in (1, 32):
+        src = torch.randint(4, model.src_embed.num_embeddings, (rows, src_len))
+        src[:, -1] = EOS
+        memory, cache = model.encode(src), model.new_cache()
+        prev = torch.full((rows, 1), BOS)
+        for _ in range(past):
+            model.decode(prev, memory, cache)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model.decode(prev, memory, cache)
+            best = min(best, time.perf_counter() - t)
+            # Back to `past` cached tokens: every timed step is the same step.
+            cache.self_kv = [(k[:, :, :past], v[:, :, :past]) for k, v in cache.self_kv]
+            cache.length = past
+        times[rows] = best
+    per_row = (times[32] - times[1]) / 31
+    return times[1] - per_row, per_row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?", default="configs/multi30k_de_en.yaml")
@@ -166,6 +194,8 @@ def main() -> None:
     print(f"\ndecoding {len(seqs)} sentences of '{args.split}', {torch.get_num_threads()} threads; {note}")
     auto = decode_precision("auto", torch.device("cpu"))
     print(f"CPU: {cpu_description()}; decode.precision auto picks {auto} here")
+    fixed, per_row = step_costs(model)
+    print(f"mt decoder step (fp32): {fixed * 1e3:.2f} ms fixed + {per_row * 1e3:.3f} ms per decoder row")
     print(f"  {'':<46}{'seconds':>9}{'sent/s':>9}{'BLEU':>7}{'mean len':>9}{'same as mt':>12}")
     times: dict[tuple[str, str, int], float] = {}
     bleus: dict[tuple[str, str, int], float] = {}
