@@ -151,9 +151,10 @@ def step_costs(
             t = time.perf_counter()
             model.decode(prev, memory, cache)
             best = min(best, time.perf_counter() - t)
-            # Back to `past` cached tokens: every timed step is the same step.
-            cache.self_kv = [(k[:, :, :past], v[:, :, :past]) for k, v in cache.self_kv]
-            cache.length = past
+            # Back to `past` cached tokens: every timed step is the same step, and writes its
+            # keys and values in place as a beam search step does.
+            for kv in cache.self_kv:
+                kv.length = past
         times[rows] = best
     per_row = (times[32] - times[1]) / 31
     return times[1] - per_row, per_row

@@ -63,6 +63,43 @@ def _forbid(scores: Tensor, step: int, min_len: int) -> Tensor:
     return scores
 
 
+def _block_size(width: int) -> int:
+    """The size of the blocks `top_k` and `argmax` cut rows of `width` scores into, 0 for none:
+    a divisor of the width (a vocabulary of 8,000 or 32,000 takes 64), so that blocks are views."""
+    return next((b for b in (64, 50, 48, 40, 32, 25, 24, 20, 16) if width % b == 0 and width >= 8 * b), 0)
+
+
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`scores.topk(k, dim=1)` for (n, W) scores: (n, k) values, best first, and their indices.
+
+    In two stages, 3-4x faster than topk's CPU kernel over a vocabulary: the maximum of each
+    block of the row (a fast reduction), the k best blocks, then the k best scores among
+    their k * block scores. Exact: the k best scores lie in the k blocks with the best maxima.
+    """
+    n, width = scores.shape
+    b = _block_size(width)
+    if b == 0 or b * k >= width // 2:
+        return scores.topk(k, dim=1)
+    blocks = scores.view(n, width // b, b)
+    best_blocks = blocks.amax(-1).topk(k, dim=1).indices  # (n, k)
+    inside = blocks.gather(1, best_blocks[:, :, None].expand(n, k, b)).view(n, k * b)
+    values, at = inside.topk(k, dim=1)
+    return values, best_blocks.gather(1, at // b) * b + at % b
+
+
+def argmax(scores: Tensor) -> Tensor:
+    """`scores.argmax(1)` for (n, W) scores (the first of equal maxima), by blocks as `top_k`:
+    argmax's CPU kernel is 5x slower than a maximum over the same scores."""
+    n, width = scores.shape
+    b = _block_size(width)
+    if b == 0:
+        return scores.argmax(1)
+    blocks = scores.view(n, width // b, b)
+    best_block = blocks.amax(-1).argmax(1)  # (n,) the first block holding the maximum
+    inside = blocks.gather(1, best_block[:, None, None].expand(n, 1, b)).view(n, b)
+    return best_block * b + inside.argmax(1)
+
+
 @torch.inference_mode()
 def greedy(
     model: Transformer,
@@ -93,9 +130,10 @@ def greedy(
     for step in range(int(limit.max())):
         # float32 scores whatever the model's dtype (argmax over bfloat16 is slow on CPU).
         logits = model.decode(prev, memory, cache)[:, -1].float()  # (n, V)
-        norm = logits.logsumexp(-1)  # (n,) before masking: the model's own distribution
-        nxt = _forbid(logits, step, min_len).argmax(-1)  # (n,)
-        logprob += logits.gather(1, nxt[:, None]).squeeze(1) - norm
+        # Before masking: the model's own distribution (log_softmax: 2x faster than logsumexp).
+        logp = torch.log_softmax(logits, -1)
+        nxt = argmax(_forbid(logits, step, min_len))  # (n,)
+        logprob += logp.gather(1, nxt[:, None]).squeeze(1)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done = nxt.eq(EOS) | limit.le(step + 1)
         if bool(done.any()):
@@ -201,7 +239,7 @@ def beam_search(
         logits = model.decode(prev, memory, cache)[:, -1].float()  # (n*k, V)
         # The model's distribution, masked (not renormalised) where tokens are forbidden.
         cand = _forbid(torch.log_softmax(logits, -1).add_(scores.view(-1, 1)), step, min_len)
-        c_scores, c_idx = cand.view(n, k * V).topk(2 * K, dim=1)  # (n, 2K), best first
+        c_scores, c_idx = top_k(cand.view(n, k * V), 2 * K)  # (n, 2K), best first
         c_parent, c_tok = c_idx // V, c_idx % V
         is_eos = c_tok.eq(EOS)
 
