@@ -108,12 +108,14 @@ def _merge_heads(y: Tensor) -> Tensor:
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) whose inference on a CPU in float32 goes
-    through oneDNN with a packed copy of the weight (see _ONEDNN_LINEAR); `relu=True` applies
-    ReLU to the output.
+    through oneDNN (see _ONEDNN_LINEAR); `relu=True` applies ReLU to the output.
 
-    The packed copy is made on first use and made again whenever the weight changes (an
-    optimizer step, load_state_dict, a move to another dtype): it is keyed on the weight's
-    storage and version counter. It is not part of the state dict, nor of a copy or pickle.
+    A frozen layer (weight.requires_grad False, as a Translator's model is) computes with a
+    packed copy of its weight, made on first use and made again when the weight changes
+    (load_state_dict, a move to another dtype or device): it is keyed on the weight's storage
+    and version counter. Only frozen weights: an optimizer's fused step changes a weight in
+    place without counting a version. The copy is not part of the state dict, nor of a copy
+    or pickle.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -123,16 +125,16 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor, relu: bool = False) -> Tensor:
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
         if _ONEDNN_LINEAR and cpu_fp32 and not torch.is_grad_enabled():
-            attr = "relu" if relu else "none"
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, attr, [], "")
+            w = self.weight if self.weight.requires_grad else self._packed_weight()
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "relu" if relu else "none", [], "")
         y = F.linear(x, self.weight, self.bias)
         return F.relu(y) if relu else y
 
-    def packed_weight(self) -> Tensor:
+    def _packed_weight(self) -> Tensor:
         w = self.weight
         key = (w.data_ptr(), w._version)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), _PACK_FOR_ROWS))
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w, _PACK_FOR_ROWS))
         return self._packed[1]
 
     def __getstate__(self) -> dict:

@@ -3,12 +3,14 @@ overfitting test in a few)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mt.config import ModelConfig
-from mt.model import DecoderCache, Memory, Transformer, _attend
+from mt.model import _ONEDNN_LINEAR, DecoderCache, Linear, Memory, Transformer, _attend
 from mt.special import BOS, EOS, PAD
 
 V = 23
@@ -143,6 +145,25 @@ def test_cache_groups_and_reorder():
     assert cache.group == 1 and cache.cross_kv[0][0].size(0) == 8
 
 
+def test_beam_reordering_leaves_one_position_that_the_next_step_fills_in_place():
+    """Beam search reorders the cache at every step: the gather leaves room for one more
+    position, the next step writes its keys and values there (no concatenation), and attention
+    reads the keys and values of every step as whole buffers (strided views were 4x slower)."""
+    model = tiny()
+    src = pad(sentences([5, 8, 3]))
+    memory, cache = model.encode(src), model.new_cache()
+    with torch.inference_mode():
+        model.decode(torch.full((3, 1), BOS), memory, cache)
+        cache.reorder(torch.arange(3).repeat_interleave(2), within=2)  # one row becomes two
+        kv = cache.self_kv[0]
+        keys = kv._kv[0]
+        assert keys.shape == (6, 4, 2, 8) and kv.length == 1
+        model.decode(torch.full((6, 1), 7), memory, cache)
+        assert kv._kv[0] is keys and kv.length == 2  # filled in place
+        k, v = kv.append(torch.zeros(6, 4, 1, 8), torch.zeros(6, 4, 1, 8))  # no room: a new buffer
+        assert kv._kv[0] is not keys and k.is_contiguous() and v.shape == (6, 4, 3, 8)
+
+
 def test_tied_weights_share_storage():
     joint = tiny(tie_embeddings=True)
     ptr = joint.tgt_embed.weight.data_ptr()
@@ -255,3 +276,38 @@ def test_inference_on_an_accelerator_never_selects_cudnn_attention(monkeypatch):
     cudnn_enabled.clear()
     model.train()(src, torch.full((3, 2), BOS, device="meta"))
     assert cudnn_enabled and all(grad and allowed for grad, allowed in cudnn_enabled)
+
+
+def test_inference_linear_on_a_cpu_equals_f_linear_and_follows_weight_updates():
+    """At inference on a CPU in float32, Linear computes with oneDNN: the same numbers as
+    F.linear up to float32 rounding, with ReLU fused. A frozen layer packs its weight once; the
+    packed copy follows load_state_dict and stays out of state dicts and copies. A trainable
+    layer never packs: a fused AdamW step changes the weight without counting a version."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 16)
+    for lin in (Linear(16, 24), Linear(16, 24, bias=False), Linear(16, 24).requires_grad_(False)):
+        ref = F.linear(x, lin.weight, lin.bias).detach()
+        assert torch.equal(lin(x), ref)  # with autograd on: F.linear itself
+        with torch.inference_mode():
+            torch.testing.assert_close(lin(x), ref, rtol=0, atol=1e-5)
+            torch.testing.assert_close(lin(x, relu=True), F.relu(ref), rtol=0, atol=1e-5)
+        assert (lin._packed is not None) == (_ONEDNN_LINEAR and not lin.weight.requires_grad)
+
+    layer = Linear(16, 24)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        layer(x).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
+
+    frozen = Linear(16, 24).requires_grad_(False)
+    with torch.no_grad():
+        frozen(x)
+        frozen.load_state_dict({"weight": torch.ones(24, 16), "bias": torch.zeros(24)})
+        torch.testing.assert_close(frozen(x), x.sum(-1, keepdim=True).expand(5, 3, 24), rtol=0, atol=1e-5)
+    assert set(frozen.state_dict()) == {"weight", "bias"}
+    twin = copy.deepcopy(frozen)
+    assert twin._packed is None
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), frozen(x), rtol=0, atol=0)

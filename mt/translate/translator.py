@@ -126,9 +126,11 @@ class Translator:
         self, model: Transformer, tokenizer: Tokenizer, config: Config, device: torch.device
     ) -> None:
         """`config.decode.precision` sets the dtype the model is cast to; `auto` is resolved
-        for `device` and the result recorded in `self.config.decode.precision`."""
+        for `device` and the result recorded in `self.config.decode.precision`. The Translator
+        takes the model for inference: eval mode, and frozen (no gradients), which lets its
+        linear layers keep packed copies of their weights on a CPU (mt.model.Linear)."""
         precision = decode_precision(config.decode.precision, device)
-        self.model = model.to(device=device, dtype=DTYPES[precision]).eval()
+        self.model = model.to(device=device, dtype=DTYPES[precision]).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         decode = dataclasses.replace(config.decode, precision=precision)
         self.config = dataclasses.replace(config, decode=decode)

@@ -311,3 +311,39 @@ def test_each_decoding_step_reads_one_value_back_from_the_device(monkeypatch):
         # Nothing ends before the last step; the first also asks, on a CPU only, whether any
         # source is padded (key_padding_mask).
         assert steps[0] in ("r", "rr") and steps[1:4] == ["r"] * 3, steps
+
+
+@pytest.mark.parametrize("width", [8000, 5 * 8000, 4096, 7919])  # 7919 is prime: torch's own kernels
+def test_two_stage_top_k_and_argmax_equal_torchs(width):
+    g = torch.Generator().manual_seed(width)
+    scores = torch.randn(6, width, generator=g)
+    scores[0, :] = float("-inf")  # a row with nothing allowed
+    scores[0, 5] = 0.0
+    scores[1, [3, width - 1]] = 100.0  # equal maxima in different blocks: the first wins
+    scores[2, 10:20] = 50.0  # ten equal scores inside one block
+    scores[3, :] = 1.0  # every score equal
+    scores[4, ::64] = float("-inf")  # masked columns, as _forbid makes them
+    values, indices = search.top_k(scores, 10)
+    expected = scores.topk(10, dim=1)
+    assert torch.equal(values, expected.values)
+    # Where scores tie, either index is right: each index must hold its value.
+    assert torch.equal(scores.gather(1, indices), values)
+    assert all(len(set(row)) == 10 for row in indices.tolist())
+    assert torch.equal(search.argmax(scores), scores.argmax(1))
+
+
+def test_search_with_a_vocabulary_cut_in_blocks_equals_plain_topk_and_argmax(monkeypatch):
+    """A vocabulary of 640 tokens is searched through the two-stage top-k and argmax (10 blocks of
+    64); the outputs and scores equal those of torch's topk and argmax over the whole rows."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=32, heads=4, ffn_dim=64, layers=2, max_positions=64), 640, 640)
+    model.eval()
+    src = random_batch(7, seed=11)
+    assert search._block_size(640) == 64 and search._block_size(5 * 640) == 64
+    kw = dict(max_len_a=1.0, max_len_b=4)
+    blocked = greedy(model, src, **kw), beam_search(model, src, beam=5, nbest=3, **kw)
+    monkeypatch.setattr(search, "_block_size", lambda width: 0)
+    plain = greedy(model, src, **kw), beam_search(model, src, beam=5, nbest=3, **kw)
+    assert [(h.tokens, h.score) for h in blocked[0]] == [(h.tokens, h.score) for h in plain[0]]
+    for ours, theirs in zip(blocked[1], plain[1], strict=True):
+        assert [(h.tokens, h.score) for h in ours] == [(h.tokens, h.score) for h in theirs]
