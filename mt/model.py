@@ -19,8 +19,12 @@ with one matmul and cross-attention projects k, v with one matmul. On CPU, where
 drawing random numbers is the expensive part of dropout, masks take 16 random bits
 per element instead of 32, and residual dropout is fused into the residual add.
 
+At inference on a CPU in float32, the linear layers compute with oneDNN, with packed weights
+when the model is frozen (`Linear`), and the softmax of attention is written out (short rows).
+
 Incremental decoding keeps the self-attention keys/values of the tokens decoded
-so far and the cross-attention keys/values of the source in a `DecoderCache`.
+so far (`SelfKV`, filled in place after each reordering) and the cross-attention
+keys/values of the source in a `DecoderCache`.
 The cross-attention part is stored once per source sentence, not once per beam
 hypothesis: the decoder rows of one sentence are contiguous, so their queries
 are folded into one (H, beam * T) query block per sentence. That saves the
