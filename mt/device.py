@@ -47,32 +47,37 @@ def pick_device(name: str | None, where: str = "--device") -> torch.device:
 # --------------------------------------------------------------------------- the CPU
 
 
+CPUINFO = "/proc/cpuinfo"  # Linux's; elsewhere there is none
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The first value of `key` in CPUINFO; None where there is none (not Linux)."""
+    try:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
 def _cpu_flags() -> set[str]:
     """The CPU's feature flags as the kernel lists them ('flags' on x86, 'Features' on Arm)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return set(value.split())
-    except OSError:  # not Linux: no flags to read
-        pass
-    return set()
+    return set((_cpuinfo("flags") or _cpuinfo("Features") or "").split())
+
+
+@functools.cache
+def cpu_is_intel() -> bool:
+    """Whether the CPU is Intel's ('GenuineIntel' in /proc/cpuinfo)."""
+    return _cpuinfo("vendor_id") == "GenuineIntel"
 
 
 @functools.cache
 def cpu_description() -> str:
     """The CPU's model name and the flags that decide CPU speed here, e.g. for CI logs."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                    break
-    except OSError:
-        pass
+    name = _cpuinfo("model name") or platform.processor() or platform.machine()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16")
     flags = _cpu_flags()
     present = [f for f in wanted if f in flags]

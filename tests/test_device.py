@@ -73,3 +73,19 @@ def test_device_names_resolve_or_say_what_to_type():
 def test_the_cpu_description_names_the_model_and_flags():
     text = device.cpu_description()
     assert "flags:" in text and text.split(";")[0].strip()
+
+
+def test_the_cpu_maker_and_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(device, "CPUINFO", str(info))
+    core = "vendor_id\t: {}\nmodel name\t: {}\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+    info.write_text(core.format("GenuineIntel", "Xeon") * 2)
+    assert device.cpu_is_intel.__wrapped__()
+    assert device._cpu_flags() == {"fpu", "avx2", "avx512f", "avx512_bf16"}
+    assert device.cpu_description.__wrapped__() == "Xeon; flags: avx2 avx512f avx512_bf16"
+    info.write_text(core.format("AuthenticAMD", "EPYC"))
+    assert not device.cpu_is_intel.__wrapped__()
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # Arm
+    assert not device.cpu_is_intel.__wrapped__() and device._cpu_flags() == {"fp", "asimd", "bf16"}
+    info.unlink()  # not Linux
+    assert not device.cpu_is_intel.__wrapped__() and device._cpu_flags() == set()

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mt.model
 from mt.config import ModelConfig
-from mt.model import _ONEDNN_LINEAR, DecoderCache, Linear, Memory, Transformer, _attend
+from mt.model import DecoderCache, Linear, Memory, Transformer, _attend
 from mt.special import BOS, EOS, PAD
 
 V = 23
@@ -278,11 +279,18 @@ def test_inference_on_an_accelerator_never_selects_cudnn_attention(monkeypatch):
     assert cudnn_enabled and all(grad and allowed for grad, allowed in cudnn_enabled)
 
 
-def test_inference_linear_on_a_cpu_equals_f_linear_and_follows_weight_updates():
-    """At inference on a CPU in float32, Linear computes with oneDNN: the same numbers as
-    F.linear up to float32 rounding, with ReLU fused. A frozen layer packs its weight once; the
-    packed copy follows load_state_dict and stays out of state dicts and copies. A trainable
-    layer never packs: a fused AdamW step changes the weight without counting a version."""
+@pytest.mark.parametrize("library", ["mkl", "onednn", "torch"])
+def test_inference_linear_on_a_cpu_equals_f_linear_and_follows_weight_updates(library, monkeypatch):
+    """At inference on a CPU in float32, Linear computes with MKL (Intel CPUs), oneDNN (other
+    CPUs) or F.linear (neither, or a layer being trained): the same numbers as F.linear up to
+    float32 rounding, with ReLU applied. A frozen layer lays its weight out once; that copy
+    follows load_state_dict and stays out of state dicts and copies. A trainable layer never
+    makes one: a fused AdamW step changes the weight without counting a version."""
+    onednn = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+    if not {"mkl": torch.backends.mkl.is_available(), "onednn": onednn, "torch": True}[library]:
+        pytest.skip(f"torch has no {library} here")
+    monkeypatch.setattr(mt.model, "_MKL_LINEAR", library == "mkl")
+    monkeypatch.setattr(mt.model, "_ONEDNN_LINEAR", library == "onednn")
     torch.manual_seed(0)
     x = torch.randn(5, 3, 16)
     for lin in (Linear(16, 24), Linear(16, 24, bias=False), Linear(16, 24).requires_grad_(False)):
@@ -291,7 +299,9 @@ def test_inference_linear_on_a_cpu_equals_f_linear_and_follows_weight_updates():
         with torch.inference_mode():
             torch.testing.assert_close(lin(x), ref, rtol=0, atol=1e-5)
             torch.testing.assert_close(lin(x, relu=True), F.relu(ref), rtol=0, atol=1e-5)
-        assert (lin._packed is not None) == (_ONEDNN_LINEAR and not lin.weight.requires_grad)
+            strided = x.transpose(0, 1)  # (3, 5, 16), not contiguous
+            torch.testing.assert_close(lin(strided), ref.transpose(0, 1), rtol=0, atol=1e-5)
+        assert (lin._packed is not None) == (library != "torch" and not lin.weight.requires_grad)
 
     layer = Linear(16, 24)
     opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
