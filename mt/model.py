@@ -387,6 +387,11 @@ class Memory:
         return Memory(self.out.index_select(0, index), self.src_pad.index_select(0, index))
 
 
+def _move_rows(t: Tensor, dst: Tensor, src: Tensor, n: int) -> Tensor:
+    """t[:n] with row dst[i] set to row src[i], in place (a view of t's memory)."""
+    return t[:n].index_copy_(0, dst, t.index_select(0, src))
+
+
 class SelfKV:
     """One decoder layer's self-attention keys and values for the target tokens decoded so far.
 
@@ -429,6 +434,13 @@ class SelfKV:
             torch.index_select(buf[:, :, :L], 0, index, out=out[:, :, :L])
             gathered.append(out)
         self._kv = (gathered[0], gathered[1])
+
+    def move(self, dst: Tensor, src: Tensor, n: int) -> None:
+        """Keep rows 0 .. n-1, row dst[i] becoming what row src[i] (>= n) was: dropping rows
+        by moving the last ones into their places copies those, not every row kept."""
+        if self._kv is not None:
+            k, v = self._kv
+            self._kv = (_move_rows(k, dst, src, n), _move_rows(v, dst, src, n))
 
 
 class DecoderCache:
@@ -495,6 +507,22 @@ class DecoderCache:
         if src.numel() == n_old and bool((src == torch.arange(n_old, device=src.device)).all()):
             return  # the same entries in the same order: nothing to copy
         self._select_entries(src)
+
+    @torch.no_grad()
+    def move_rows(self, dst: Tensor, src: Tensor, n: int) -> None:
+        """Keep decoder rows 0 .. n-1, row dst[i] continuing what row src[i] (>= n) was: rows
+        dropped by moving the last ones into their places (see SelfKV.move). The same as
+        `reorder` with the index those moves make, at the cost of the moved rows alone."""
+        for kv in self.self_kv:
+            kv.move(dst, src, n)
+
+    @torch.no_grad()
+    def move_entries(self, dst: Tensor, src: Tensor, n: int) -> None:
+        """`move_rows` for the cross-attention entries (one per sentence): entry dst[i]
+        becomes what entry src[i] was, entries from n on are dropped."""
+        self.cross_kv = [(_move_rows(k, dst, src, n), _move_rows(v, dst, src, n)) for k, v in self.cross_kv]
+        if self.cross_mask is not None:
+            self.cross_mask = _move_rows(self.cross_mask, dst, src, n)
 
     def _select_entries(self, src: Tensor) -> None:
         """Keep/repeat/reorder the cross-attention entries: entry i becomes entry src[i]."""

@@ -146,6 +146,31 @@ def test_cache_groups_and_reorder():
     assert cache.group == 1 and cache.cross_kv[0][0].size(0) == 8
 
 
+def test_moving_the_last_rows_into_dropped_places_equals_reordering_by_the_same_index():
+    """Greedy search drops finished rows by moving the last ones into their places: the cache
+    then continues exactly as after `reorder` with the index those moves make, and only the
+    moved rows were copied (the rows that stay keep their memory)."""
+    model = tiny()
+    src = pad(sentences([5, 8, 3, 6, 4]))
+    memory = model.encode(src)
+    tokens = torch.randint(4, V, (5, 4), generator=torch.Generator().manual_seed(3))
+    moved, reordered = model.new_cache(), model.new_cache()
+    with torch.inference_mode():
+        for cache in (moved, reordered):
+            for t in range(2):
+                model.decode(tokens[:, t : t + 1], memory, cache)
+        dst, src_rows, keep = torch.tensor([1]), torch.tensor([4]), torch.tensor([0, 4, 2, 3])  # drop row 1
+        kept = moved.self_kv[0]._kv[0][0].clone()
+        moved.move_rows(dst, src_rows, 4)
+        moved.move_entries(dst, src_rows, 4)
+        reordered.reorder(keep, within=1, entries=keep)
+        assert torch.equal(moved.self_kv[0]._kv[0][0], kept)  # row 0 stayed where it was
+        for t in range(2, 4):
+            a = model.decode(tokens[keep, t : t + 1], memory, moved)
+            b = model.decode(tokens[keep, t : t + 1], memory, reordered)
+            assert torch.equal(a, b)
+
+
 def test_beam_reordering_leaves_one_position_that_the_next_step_fills_in_place():
     """Beam search reorders the cache at every step: the gather leaves room for one more
     position, the next step writes its keys and values there (no concatenation), and attention

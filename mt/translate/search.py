@@ -1,8 +1,10 @@
 """Greedy and beam search on the Transformer's incremental decoder.
 
 Both encode the batch once and then run the decoder one token at a time on a
-`DecoderCache`. Finished sentences are dropped from the active batch (the cache
-is reordered), so late steps only pay for the sentences still being decoded.
+`DecoderCache`. Finished sentences are dropped from the active batch, so late
+steps only pay for the sentences still being decoded; the last sentences take the
+places of the finished ones (`drop_order`), so a drop copies the cache of those
+few, not of every sentence kept.
 
 Lengths. `src_len` is the number of non-PAD source tokens (the source EOS
 included). A sentence may produce at most max_len = max(1, int(max_len_a *
@@ -100,6 +102,20 @@ def argmax(scores: Tensor) -> Tensor:
     return best_block * b + inside.argmax(1)
 
 
+def drop_order(done: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """How to drop the `done` rows of a batch (n,) bool by moving rows, not copying them all:
+    (keep, dst, src). The rows that go on keep their places among the first n' = len(keep);
+    those beyond move into the places of the done ones there, row dst[i] taking row src[i].
+    Row j of the result continues what row keep[j] was (see DecoderCache.move_rows)."""
+    alive = (~done).nonzero().squeeze(1)  # ascending
+    n = alive.numel()
+    dst = done[:n].nonzero().squeeze(1)  # the places to fill, as many as survivors from n on
+    src = alive[n - dst.numel() :]
+    keep = torch.arange(n, device=done.device)
+    keep[dst] = src
+    return keep, dst, src
+
+
 @torch.inference_mode()
 def greedy(
     model: Transformer,
@@ -141,10 +157,12 @@ def greedy(
             ended = sent[done].tolist(), tokens[done].tolist(), logprob[done].tolist()
             for s, toks, lp in zip(*ended, strict=True):
                 out[s] = Hypothesis(toks[:-1] if toks[-1] == EOS else toks, lp / pen, lp)
-            keep = (~done).nonzero().squeeze(1)
+            keep, dst, src = drop_order(done)
             if keep.numel() == 0:
                 break
-            cache.reorder(keep, within=1, entries=keep)
+            # One row per sentence: rows and cross-attention entries move alike.
+            cache.move_rows(dst, src, keep.numel())
+            cache.move_entries(dst, src, keep.numel())
             sent, tokens, limit, logprob = sent[keep], tokens[keep], limit[keep], logprob[keep]
             nxt = nxt[keep]
         prev = nxt[:, None]
@@ -273,15 +291,15 @@ def beam_search(
                 for toks, lp in zip(beams, lps, strict=True):
                     if lp > -math.inf:
                         finished[s].append(Hypothesis(toks, lp / pen, lp))
-        keep = None  # the sentences still searched, when some are done
         if any_done:
-            keep = (~done).nonzero().squeeze(1)
+            keep, dst, src = drop_order(done)  # the sentences still searched
             if keep.numel() == 0:
                 break
             rows = rows.view(n, K)[keep].view(-1)
             tokens = tokens.view(n, K, -1)[keep].view(keep.numel() * K, -1)
             sent, limit, scores, fin_top = sent[keep], limit[keep], scores[keep], fin_top[keep]
-        cache.reorder(rows, within=K, entries=keep)  # each sentence's K rows come from its own
+            cache.move_entries(dst, src, keep.numel())
+        cache.reorder(rows, within=K)  # each sentence's K rows come from its own
         prev = tokens[:, -1:]
 
     return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]

@@ -83,6 +83,17 @@ def score_of(model: Transformer, src: torch.Tensor, tokens: list[int], ended: bo
     return float(lp[torch.arange(len(out)), torch.tensor(out)].sum())
 
 
+def test_dropping_rows_moves_the_last_survivors_into_the_places_of_finished_ones():
+    done = torch.tensor([False, True, False, True, False, False, True, False])
+    keep, dst, src = search.drop_order(done)
+    assert keep.tolist() == [0, 5, 2, 7, 4]  # rows 0, 2, 4 stay; 5 and 7 fill places 1 and 3
+    assert dst.tolist() == [1, 3] and src.tolist() == [5, 7]
+    keep, dst, src = search.drop_order(torch.tensor([False, False, True]))  # only the last ends
+    assert keep.tolist() == [0, 1] and dst.numel() == src.numel() == 0
+    keep, _, _ = search.drop_order(torch.ones(3, dtype=torch.bool))
+    assert keep.numel() == 0
+
+
 def test_search_leaves_the_mode_to_the_caller_and_returns_token_lists(trained):
     src = random_batch(5, seed=3)
     out = greedy_tokens(trained, src)
