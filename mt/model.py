@@ -142,7 +142,7 @@ class Linear(nn.Linear):
                 x2 = x.reshape(-1, x.size(-1))
                 w = self._packed_weight()  # (in, out)
                 y = torch.mm(x2, w) if self.bias is None else torch.addmm(self.bias, x2, w)
-                return (y.relu_() if relu else y).view(*x.shape[:-1], -1)
+                return (y.relu_() if relu else y).view(*x.shape[:-1], w.size(1))
             if _ONEDNN_LINEAR:
                 w = self._packed_weight() if frozen else self.weight
                 return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "relu" if relu else "none", [], "")

@@ -326,6 +326,7 @@ def test_inference_linear_on_a_cpu_equals_f_linear_and_follows_weight_updates(li
             torch.testing.assert_close(lin(x, relu=True), F.relu(ref), rtol=0, atol=1e-5)
             strided = x.transpose(0, 1)  # (3, 5, 16), not contiguous
             torch.testing.assert_close(lin(strided), ref.transpose(0, 1), rtol=0, atol=1e-5)
+            assert lin(x[:0]).shape == (0, 3, 24)  # no rows
         assert (lin._packed is not None) == (library != "torch" and not lin.weight.requires_grad)
 
     layer = Linear(16, 24)
