@@ -401,9 +401,9 @@ class SelfKV:
     into a buffer one position longer than needed, which the next step fills in place: beam
     search, which reorders at every step, copies the past once per step instead of twice.
     Dropping rows (greedy search's finished sentences) moves the last rows into their places
-    (`move`), copying those few rows only. Buffers are never longer than that, so attention reads contiguous
-    keys and values: batched matmuls over a strided view of a longer buffer were 4x slower on a
-    CPU (measured at beam 5 on 150 sentences).
+    (`move`), copying those few rows only. Buffers are never longer than that, so attention
+    reads contiguous keys and values: batched matmuls over a strided view of a longer buffer
+    were 4x slower on a CPU (measured at beam 5 on 150 sentences).
     """
 
     def __init__(self) -> None:
@@ -471,13 +471,13 @@ class DecoderCache:
         return self.self_kv[0].length if self.self_kv else 0
 
     @torch.no_grad()
-    def reorder(self, index: Tensor, within: int | None = None, entries: Tensor | None = None) -> None:
+    def reorder(self, index: Tensor, within: int | None = None) -> None:
         """Make decoder row i continue what row index[i] was (beam reselection; dropping rows).
 
         A caller that knows how the new rows map onto the cross-attention entries says so, and
         nothing is read back from the device (a wait on a GPU): `within=g`, each block of g new
-        rows continues rows of one entry, the entries kept in the order `entries` (None: all,
-        unchanged). Beam search knows: a sentence's hypotheses extend its own.
+        rows continues rows of the entry in its place, the entries unchanged. Beam search knows:
+        a sentence's hypotheses extend its own (it drops sentences with `move_entries`).
 
         Every stored tensor is index-selected along the batch dimension. The
         per-sentence cross-attention entries follow along and stay shared when each
@@ -493,8 +493,6 @@ class DecoderCache:
             return
         if within is not None:
             self.group = within
-            if entries is not None:
-                self._select_entries(entries)
             return
         n_old, g_old = self.cross_kv[0][0].size(0), self.group
         src = index // g_old  # old cross entry of each new row

@@ -163,7 +163,7 @@ def test_moving_the_last_rows_into_dropped_places_equals_reordering_by_the_same_
         kept = moved.self_kv[0]._kv[0][0].clone()
         moved.move_rows(dst, src_rows, 4)
         moved.move_entries(dst, src_rows, 4)
-        reordered.reorder(keep, within=1, entries=keep)
+        reordered.reorder(keep)
         assert torch.equal(moved.self_kv[0]._kv[0][0], kept)  # row 0 stayed where it was
         for t in range(2, 4):
             a = model.decode(tokens[keep, t : t + 1], memory, moved)
