@@ -30,6 +30,14 @@ def _hf_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
 
 
+@pytest.fixture(params=[False, True], ids=["rows_outer", "positions_outer"])
+def positions_outer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Each layout of the decoder's self-attention cache in turn (mt.model.SelfKV), whichever
+    this CPU would choose."""
+    monkeypatch.setattr("mt.model._POSITIONS_OUTER", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def mt_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment for `run_mt`: the module's own HF datasets cache."""

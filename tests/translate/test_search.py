@@ -162,7 +162,7 @@ def test_hypothesis_scores_match_model(trained):
 
 
 @pytest.mark.parametrize("model_kind", ["trained", "random"])
-def test_batch_invariance(trained, model_kind, monkeypatch):
+def test_batch_invariance(trained, model_kind, monkeypatch, positions_outer):
     model = trained if model_kind == "trained" else tiny(seed=8, pre_norm=False, learned_positions=True)
     src = random_batch(10, seed=9, lo=2, hi=12)
     kw = dict(max_len_a=0.8, max_len_b=4)
@@ -248,7 +248,7 @@ def reference_beam(model, src, beam, nbest, max_len, min_len, alpha):
 
 
 @pytest.mark.parametrize("model_kind", ["trained", "random"])
-def test_cached_beam_equals_uncached_reference(trained, model_kind):
+def test_cached_beam_equals_uncached_reference(trained, model_kind, positions_outer):
     model = trained if model_kind == "trained" else tiny(seed=14)
     src = random_batch(6, seed=15)
     limits = max_lengths(src, 1.2, 2, 1024).tolist()
