@@ -424,6 +424,11 @@ class SelfKV:
         self._kv: KV | None = None  # keys and values in the layout below
         self._outer = False  # positions outer: (capacity, N, H, hd); else (N, H, capacity, hd)
 
+    @property
+    def _dims(self) -> tuple[int, int]:
+        """The buffers' dimensions of positions and of rows."""
+        return (0, 1) if self._outer else (2, 0)
+
     def _stored(self, x: Tensor) -> Tensor:
         """(N, H, T, hd) -> the buffers' layout (a view)."""
         return x.permute(2, 0, 1, 3) if self._outer else x
@@ -431,8 +436,7 @@ class SelfKV:
     def view(self) -> KV:
         """The keys and values held, each (N, H, length, hd) (views of the buffers)."""
         assert self._kv is not None, "nothing decoded yet"
-        p, L = (0 if self._outer else 2), self.length
-        k, v = (buf.narrow(p, 0, L) for buf in self._kv)
+        k, v = (buf.narrow(self._dims[0], 0, self.length) for buf in self._kv)
         return (k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)) if self._outer else (k, v)
 
     def _new_buffers(self, rows: int, capacity: int, like: Tensor) -> KV:
@@ -448,7 +452,7 @@ class SelfKV:
         L, T = self.length, k.size(2)
         if self._kv is None:
             self._outer = _POSITIONS_OUTER and k.device.type == "cpu"
-        p, spare = (0, _SPARE) if self._outer else (2, 0)
+        p, spare = self._dims[0], (_SPARE if self._outer else 0)
         if self._kv is None:
             self._kv = self._new_buffers(k.size(0), T + spare, k)
         elif L + T > self._kv[0].size(p):
@@ -465,7 +469,7 @@ class SelfKV:
         """Row i continues what row index[i] was."""
         if self._kv is None:
             return
-        L, p, r = self.length, (0 if self._outer else 2), (1 if self._outer else 0)
+        L, (p, r) = self.length, self._dims
         gathered = self._new_buffers(index.numel(), L + 1, self.view()[0])
         for buf, out in zip(self._kv, gathered, strict=True):
             torch.index_select(buf.narrow(p, 0, L), r, index, out=out.narrow(p, 0, L))
