@@ -153,6 +153,13 @@ class Linear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         return F.relu(y) if relu else y
 
+    def pack(self) -> None:
+        """Make the copy of a frozen CPU float32 weight now, not on first use."""
+        w = self.weight
+        if (_MKL_LINEAR or _ONEDNN_LINEAR) and w.device.type == "cpu" and w.dtype == torch.float32:
+            if not w.requires_grad:
+                self._packed_weight()
+
     def _packed_weight(self) -> Tensor:
         w = self.weight
         key = (w.data_ptr(), w._version)
@@ -165,6 +172,14 @@ class Linear(nn.Linear):
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_packed": None}
+
+
+def pack_linear_weights(model: nn.Module) -> None:
+    """Lay out every frozen Linear's weight for inference now (see Linear): before forking
+    decoder processes, so that they share one copy instead of making one each."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.pack()
 
 
 # --------------------------------------------------------------------------- attention

@@ -69,6 +69,24 @@ def one_thread() -> Iterator[None]:
 # --------------------------------------------------------------------------- synthetic corpora
 
 
+def running_processes(command: list[str]) -> list[int]:
+    """The processes with this command line that still run (a zombie has ended), from /proc:
+    no psutil here. Forked workers keep their parent's command line."""
+    found = []
+    cmdline = "".join(arg + "\0" for arg in command).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "cmdline").read_bytes() == cmdline:
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended while we looked
+    return found
+
+
 def synthetic_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Word-by-word 'translations' of random German-like sentences."""
     rng = random.Random(seed)

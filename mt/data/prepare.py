@@ -17,16 +17,12 @@ cleaned pairs one source after the other; how an epoch mixes them is the trainer
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
-import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -43,6 +39,7 @@ from mt.data import sources
 from mt.data.tokenizer import Tokenizer, load_processor, train_spm
 from mt.errors import CheckpointError, DataError
 from mt.files import DirectoryLock, remove_stale, replace_dir, temp_path
+from mt.workers import fork_context, start_worker
 
 # Bump when the cache layout or the processing changes, so old caches are rebuilt.
 PREPARE_VERSION = 3
@@ -216,24 +213,11 @@ class _Encoder:
 
 # --------------------------------------------------------------------------- worker processes
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _WORKER: dict[str, _Encoder] = {}
 
 
 def _start_worker(parent_pid: int, encoder: _Encoder) -> None:
-    """First thing in a worker process: have Linux SIGKILL it when its parent ends, however it
-    ends (a SIGKILLed `mt prepare` must not leave its pool waiting for work). Linux sends the
-    signal when the *thread* that forked ends: the pool is made by the thread that prepares."""
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent_pid:  # it died before the prctl: no signal will come
-            os.kill(os.getpid(), signal.SIGKILL)
-    # Ctrl-C reaches the whole process group: the parent handles it and ends the pool, whose
-    # SIGTERM must then end a worker at once, not run the handler the CLI gave the parent.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    start_worker(parent_pid)
     _WORKER["encoder"] = encoder
 
 
@@ -249,7 +233,7 @@ def _encoded(
     if workers <= 1:
         yield from map(encoder, chunks)
         return
-    pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (os.getpid(), encoder))
+    pool = fork_context().Pool(workers, _start_worker, (os.getpid(), encoder))
     try:
         pending: deque[Any] = deque()
         for chunk in chunks:

@@ -20,6 +20,7 @@ from helpers import (
     make_corpus,
     prepare_corpus,
     run_mt,
+    running_processes,
     synthetic_pairs,
     write_lines,
 )
@@ -175,24 +176,6 @@ def test_sigkill_during_prepare_leaves_old_cache_or_none(tmp_path, mt_env):
     assert is_up_to_date(new_cfg) and len(load_prepared(out).split("valid")) == 10
 
 
-def _running(command: list[str]) -> list[int]:
-    """The processes with this command line that still run (a zombie has ended), from /proc:
-    no psutil here."""
-    found = []
-    cmdline = "".join(arg + "\0" for arg in command).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "cmdline").read_bytes() == cmdline:
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    found.append(int(entry.name))
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # it ended while we looked
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="workers die with their parent through Linux's prctl")
 def test_workers_die_with_a_killedprepare_corpus(tmp_path, mt_env):
@@ -213,14 +196,14 @@ def test_workers_die_with_a_killedprepare_corpus(tmp_path, mt_env):
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 10
-        while _running(argv) and time.monotonic() < deadline:
+        while running_processes(argv) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _running(argv), "workers outlived their parent"
+        assert not running_processes(argv), "workers outlived their parent"
     finally:  # a failed run must not leave processes behind either
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in _running(argv):
+        for pid in running_processes(argv):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -16,14 +16,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import KILLED, REPO, build_checkpoint, error_line, one_thread, run_mt, synthetic_pairs
+from helpers import (
+    KILLED,
+    REPO,
+    build_checkpoint,
+    error_line,
+    one_thread,
+    run_mt,
+    running_processes,
+    synthetic_pairs,
+)
 
 from mt.cli import main
 from mt.config import DecodeConfig, resolve_decoding
 from mt.errors import DataError
 from mt.files import decode_lines
-from mt.translate.search import greedy
+from mt.translate.search import Hypothesis
 from mt.translate.translator import Translator, cpu_workers, format_nbest, one_line, translate_ids
+from mt.workers import FORKS
 
 # `checkpoint` is conftest's tiny trained checkpoint, shared by the session (read only).
 
@@ -393,8 +403,18 @@ def _ids(translator: Translator, n: int) -> list:
     return translator._encode(src, range(1, n + 1))
 
 
+@pytest.fixture(params=["threads", "processes"])
+def side_by_side(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Batches side by side in threads, or in forked processes (where mt forks: Linux)."""
+    forks = request.param == "processes"
+    if forks and not FORKS:
+        pytest.skip("decoder processes are forked on Linux only")
+    monkeypatch.setattr("mt.workers.FORKS", forks)
+    return request.param
+
+
 @pytest.mark.parametrize("beam", [1, 3])
-def test_batches_on_threads_give_the_same_output(translator, beam, monkeypatch):
+def test_batches_side_by_side_give_the_same_output(translator, beam, monkeypatch, side_by_side):
     seqs = _ids(translator, 40)
     one = DecodeConfig(beam=beam, max_len_b=5, inter_threads=1)
     three = DecodeConfig(beam=beam, max_len_b=5, inter_threads=3)
@@ -407,12 +427,17 @@ def test_batches_on_threads_give_the_same_output(translator, beam, monkeypatch):
     assert [[h.tokens for h in hs] for hs in out] == [[h.tokens for h in hs] for hs in ref]
 
 
-def test_an_error_on_a_thread_stops_the_rest(translator, monkeypatch):
-    calls = []
+def test_an_error_in_one_worker_stops_the_rest(translator, monkeypatch, tmp_path, side_by_side):
+    calls = tmp_path / "calls"  # a byte per call, in a file: processes append to it too
 
     def failing(model, src, **kw):  # the first batch fails at once, the others take a while
-        calls.append(src.size(0))
-        if len(calls) == 1:
+        fd = os.open(calls, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, b"x")  # one write, atomic: the offset after it counts the calls so far
+            first = os.lseek(fd, 0, os.SEEK_CUR) == 1
+        finally:
+            os.close(fd)
+        if first:
             raise RuntimeError("boom")
         time.sleep(1.0)  # while the main thread stops the pool
         return [[] for _ in range(src.size(0))]
@@ -423,24 +448,24 @@ def test_an_error_on_a_thread_stops_the_rest(translator, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         translator.translate_ids(seqs, resolve_decoding(translator.config.decode, beam=1, max_tokens=16))
     # About 20 batches (of at most 16 tokens): all but the failing one and those already running
-    # on the two threads when it failed are dropped (which of them fails first is a race).
-    assert len(calls) <= 6
+    # or queued on the two workers when it failed are dropped (which of them fails first is a race).
+    assert len(calls.read_bytes()) <= 6
     assert torch.get_num_threads() == 1 and not translator.model.training
 
 
-def test_each_thread_gets_its_share_and_the_count_is_restored(translator, monkeypatch):
-    seen = []
-
-    def counting(model, src, **kw):
-        seen.append(torch.get_num_threads())
-        return greedy(model, src, **kw)
+def test_each_worker_gets_its_share_of_threads_and_the_count_is_restored(
+    translator, monkeypatch, side_by_side
+):
+    def counting(model, src, **kw):  # the thread count each batch ran with, as its output
+        return [Hypothesis([torch.get_num_threads()], 0.0, 0.0) for _ in range(src.size(0))]
 
     monkeypatch.setattr("mt.translate.translator.greedy", counting)
     seqs = _ids(translator, 24)
     torch.set_num_threads(2)
     try:
-        translator.translate_ids(seqs, resolve_decoding(translator.config.decode, beam=1, max_tokens=64))
-        assert len(seen) > 2 and set(seen) == {1}  # 2 batches at a time, one torch thread each
+        decode = resolve_decoding(translator.config.decode, beam=1, max_tokens=64)
+        out = translator.translate_ids(seqs, decode)
+        assert {hs[0].tokens[0] for hs in out} == {1}  # 2 batches at a time, one torch thread each
         assert torch.get_num_threads() == 2
         later: list[int] = []
         thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
@@ -449,6 +474,41 @@ def test_each_thread_gets_its_share_and_the_count_is_restored(translator, monkey
         assert later == [2]  # threads started afterwards get the caller's count back too
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.skipif(not FORKS, reason="decoder processes are forked on Linux only")
+def test_sigterm_while_decoder_processes_run_ends_them_and_cleans_up(tmp_path, mt_env, checkpoint):
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(s + "\n" for s in SRC * 400), encoding="utf-8")
+    out = tmp_path / "out.txt"
+    out.write_bytes(b"precious\n")
+    argv = [sys.executable, "-m", "mt", "translate", "--checkpoint", str(checkpoint), "--input", str(inp),
+            "--output", str(out), "--device", "cpu", "--max-tokens", "64"]
+    env = {**mt_env, "OMP_NUM_THREADS": "2"}  # two torch threads: two batches side by side
+    proc = subprocess.Popen(
+        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    children = Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children"  # its main thread's
+    try:
+        forked: list[str] = []
+        deadline = time.monotonic() + 60
+        while len(forked) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+            forked = children.read_text().split()
+        assert len(forked) >= 2, f"no decoder processes seen (exit status: {proc.poll()})"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, err
+        assert err.rstrip("\n").endswith("mt translate: terminated") and "Traceback" not in err, err
+        assert out.read_bytes() == b"precious\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
+        assert not running_processes(argv), "decoder processes outlived the run"
+    finally:  # a failed run must not leave processes behind either
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in running_processes(argv):
+            os.kill(pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- --alignment
