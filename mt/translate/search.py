@@ -146,9 +146,10 @@ def greedy(
     for step in range(int(limit.max())):
         # float32 scores whatever the model's dtype (argmax over bfloat16 is slow on CPU).
         logits = model.decode(prev, memory, cache)[:, -1].float()  # (n, V)
-        # Before masking: the model's own distribution (log_softmax: 2x faster than logsumexp).
-        logp = torch.log_softmax(logits, -1)
-        nxt = argmax(_forbid(logits, step, min_len))  # (n,)
+        # The model's own distribution, masked (not renormalised) where tokens are forbidden, in
+        # place on a CPU as in beam search; the argmax over log-probabilities is beam 1's choice.
+        logp = torch.log_softmax(logits, -1, out=logits if logits.device.type == "cpu" else None)
+        nxt = argmax(_forbid(logp, step, min_len))  # (n,)
         logprob += logp.gather(1, nxt[:, None]).squeeze(1)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done = nxt.eq(EOS) | limit.le(step + 1)
