@@ -156,9 +156,9 @@ class Linear(nn.Linear):
     def pack(self) -> None:
         """Make the copy of a frozen CPU float32 weight now, not on first use."""
         w = self.weight
-        if (_MKL_LINEAR or _ONEDNN_LINEAR) and w.device.type == "cpu" and w.dtype == torch.float32:
-            if not w.requires_grad:
-                self._packed_weight()
+        on_cpu = w.device.type == "cpu" and w.dtype == torch.float32
+        if (_MKL_LINEAR or _ONEDNN_LINEAR) and on_cpu and not w.requires_grad:
+            self._packed_weight()
 
     def _packed_weight(self) -> Tensor:
         w = self.weight

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import mt.model
 from mt.config import ModelConfig
-from mt.model import DecoderCache, Linear, Memory, Transformer, _attend
+from mt.model import DecoderCache, Linear, Memory, Transformer, _attend, pack_linear_weights
 from mt.special import BOS, EOS, PAD
 
 V = 23
@@ -353,3 +353,25 @@ def test_inference_linear_on_a_cpu_equals_f_linear_and_follows_weight_updates(li
     assert twin._packed is None
     with torch.inference_mode():
         torch.testing.assert_close(twin(x), frozen(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("library", ["mkl", "onednn", "torch"])
+def test_packing_lays_out_the_frozen_weights_before_any_use(library, monkeypatch):
+    """What decoder processes are forked after: the parent's copies, which they then share."""
+    onednn = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+    if not {"mkl": torch.backends.mkl.is_available(), "onednn": onednn, "torch": True}[library]:
+        pytest.skip(f"torch has no {library} here")
+    monkeypatch.setattr(mt.model, "_MKL_LINEAR", library == "mkl")
+    monkeypatch.setattr(mt.model, "_ONEDNN_LINEAR", library == "onednn")
+    model = Transformer(ModelConfig(d_model=16, heads=2, ffn_dim=32, layers=1), 40, 40)
+    model.decoder.requires_grad_(False)  # the encoder stays trainable: never packed
+    pack_linear_weights(model)
+    for name, m in model.named_modules():
+        if isinstance(m, Linear):
+            assert (m._packed is not None) == (library != "torch" and not m.weight.requires_grad), name
+    if library != "torch":
+        ours = model.decoder[0].ffn.fc1
+        kept = ours._packed
+        with torch.inference_mode():
+            ours(torch.randn(2, 16))
+        assert ours._packed is kept  # used as it is
