@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import sys
+import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -150,8 +151,10 @@ class AtomicFile:
     The temporary file is created on construction, so an unwritable path fails before
     any (long) work is done; write to `.file`, then `commit` fsyncs it and renames it
     over `path`. Leaving the `with` block without a commit (an error, Ctrl-C) removes
-    the temporary file and leaves an existing `path` untouched. I/O failures raise
-    `error` (an MTError class): "cannot <action> <path>: <reason>".
+    the temporary file and leaves an existing `path` untouched, and so does dropping the
+    object before the block began: Ctrl-C or SIGTERM (mt.cli raises it as an exception) may
+    land between the file's creation and the `with`, where no __exit__ would run. I/O
+    failures raise `error` (an MTError class): "cannot <action> <path>: <reason>".
 
     Through a symlink, the link's target is what is replaced (the temporary file goes in
     the target's directory), and the link stays a link. A path that exists and is not a
@@ -178,6 +181,8 @@ class AtomicFile:
         self.target = self.path if self.direct else Path(os.path.realpath(self.path))
         self.tmp = self.path if self.direct else temp_path(self.target)
         self._open = False
+        # Before the file exists: whenever this object goes, an uncommitted temporary file goes too.
+        self._remove_tmp = weakref.finalize(self, _remove, None if self.direct else self.tmp)
         try:
             self.file: BinaryIO = open(self.tmp, "ab" if self.direct else "wb")  # closed by commit or discard
         except OSError as e:
@@ -200,6 +205,7 @@ class AtomicFile:
             if not self.direct:
                 os.replace(self.tmp, self.target)
             self._open = False
+            self._remove_tmp.detach()
         except OSError as e:
             self.discard()
             raise self._failed(e) from e
@@ -212,9 +218,7 @@ class AtomicFile:
         # all the same, and what it held is being thrown away.
         with contextlib.suppress(OSError):
             self.file.close()
-        if not self.direct:  # a path written in place is the user's: it stays
-            with contextlib.suppress(OSError):
-                self.tmp.unlink(missing_ok=True)
+        self._remove_tmp()
 
     def __enter__(self) -> AtomicFile:
         return self
@@ -233,6 +237,13 @@ def file_above(path: Path) -> Path | None:
         if parent.exists():
             return None if parent.is_dir() else parent
     return None
+
+
+def _remove(tmp: Path | None) -> None:
+    """Remove an AtomicFile's temporary file; None for a path written in place, the user's."""
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -15,6 +15,26 @@ import pytest
 from mt.errors import DataError
 from mt.files import AtomicFile, read_lines, write_atomic
 
+# --------------------------------------------------------------------------- interrupted
+
+
+def test_an_atomic_file_dropped_before_its_with_block_removes_its_temporary_file(tmp_path):
+    # What SIGTERM (an exception, see mt.cli) or Ctrl-C does when it lands between the creation
+    # of the temporary file and the `with`: no __exit__ runs, the object is dropped.
+    out = tmp_path / "out.txt"
+    out.write_text("precious\n")
+    pending = AtomicFile(out)
+    pending.file.write(b"partial")
+    assert len(os.listdir(tmp_path)) == 2
+    del pending
+    assert os.listdir(tmp_path) == ["out.txt"] and out.read_text() == "precious\n"
+
+    committed = AtomicFile(out)
+    committed.commit(b"new\n")
+    del committed
+    assert os.listdir(tmp_path) == ["out.txt"] and out.read_text() == "new\n"
+
+
 # --------------------------------------------------------------------------- symlinks
 
 
