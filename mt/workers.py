@@ -13,7 +13,10 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from multiprocessing.context import BaseContext
+from typing import Any
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -46,3 +49,26 @@ def start_worker(parent_pid: int) -> None:
     # SIGTERM must then end a worker at once, not run the handler the CLI gave the parent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class WorkerPool(Executor):
+    """`workers` forked processes (a multiprocessing Pool, each started by `initializer`) behind
+    the Executor interface of mt.translate.lines.decode_in_batches. `shutdown` ends them at once,
+    whatever they are doing (Pool.terminate): after the last result that costs nothing, and
+    after an error, Ctrl-C or SIGTERM nothing waits for the tasks in hand. Its workers are
+    daemonic, so that a parent interrupted while it was still starting them ends them as it
+    exits. (A concurrent.futures.ProcessPoolExecutor, whose workers are not daemonic, hung a
+    SIGTERMed `mt translate` at exit now and then: its shutdown waits for them.)"""
+
+    def __init__(self, workers: int, initializer: Callable[..., None], initargs: tuple) -> None:
+        self._pool = fork_context().Pool(workers, initializer, initargs)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        self._pool.apply_async(fn, args, kwargs, future.set_result, future.set_exception)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.terminate()
+        if wait:
+            self._pool.join()

@@ -87,6 +87,32 @@ def running_processes(command: list[str]) -> list[int]:
     return found
 
 
+def forked_children(proc: subprocess.Popen, n: int, timeout: float) -> list[str]:
+    """The pids of the children that `proc`'s main thread forked, once there are `n` (or it
+    ended, or `timeout` seconds passed): polled often, as a pool may last a moment only."""
+    children = Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children"
+    forked: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(forked) < n and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+        forked = children.read_text().split()
+    return forked
+
+
+@contextlib.contextmanager
+def nothing_left_running(proc: subprocess.Popen, argv: list[str]) -> Iterator[None]:
+    """On the way out, whatever happened: kill `proc` and every process with its command line
+    (its forked workers), so that a failed test leaves no processes behind."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in running_processes(argv):
+            os.kill(pid, signal.SIGKILL)
+
+
 def synthetic_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Word-by-word 'translations' of random German-like sentences."""
     rng = random.Random(seed)

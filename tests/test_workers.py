@@ -10,7 +10,7 @@ from queue import Queue
 
 import pytest
 
-from mt.workers import FORKS, can_fork_workers, fork_context, start_worker
+from mt.workers import FORKS, WorkerPool, can_fork_workers, fork_context, start_worker
 
 pytestmark = pytest.mark.skipif(not FORKS, reason="workers are forked on Linux only")
 
@@ -55,3 +55,28 @@ def test_workers_are_not_forked_from_a_daemonic_process():
         assert queue.get(timeout=30) is False
     finally:
         daemon.join(10)
+
+
+def _square(x: int) -> int:
+    if x < 0:
+        raise ValueError(f"negative: {x}")
+    return x * x
+
+
+def _nap(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_a_worker_pool_answers_through_futures_and_its_shutdown_does_not_wait():
+    pool = WorkerPool(2, start_worker, (os.getpid(),))
+    try:
+        assert [f.result(timeout=30) for f in [pool.submit(_square, x) for x in range(5)]] == [0, 1, 4, 9, 16]
+        with pytest.raises(ValueError, match="negative: -3"):
+            pool.submit(_square, -3).result(timeout=30)
+        busy = pool.submit(_nap, 60)
+        time.sleep(0.5)  # it runs
+    finally:
+        t = time.monotonic()
+        pool.shutdown(wait=True)
+    assert time.monotonic() - t < 10 and not busy.done()  # ended, not waited for

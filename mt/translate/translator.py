@@ -20,7 +20,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from mt.translate.lines import format_nbest as format_nbest
 from mt.translate.lines import one_line as one_line
 from mt.translate.lines import translate_lines as translate_lines
 from mt.translate.search import Hypothesis, beam_search, greedy
-from mt.workers import can_fork_workers, fork_context, start_worker
+from mt.workers import WorkerPool, can_fork_workers, start_worker
 
 
 def pad_sources(seqs: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -137,9 +137,8 @@ def translate_ids(
             pack_linear_weights(model)  # before the fork, so that the processes share one copy
             _JOB["decode_batch"] = decode_batch
 
-            def processes(w: int) -> ProcessPoolExecutor:
-                start = (os.getpid(), max(1, threads // w))
-                return ProcessPoolExecutor(w, fork_context(), initializer=_start_decoder, initargs=start)
+            def processes(w: int) -> WorkerPool:
+                return WorkerPool(w, _start_decoder, (os.getpid(), max(1, threads // w)))
 
             try:
                 return in_batches(_decode_job, workers, processes)

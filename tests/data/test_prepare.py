@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,9 @@ import pytest
 from helpers import (
     KILLED,
     corpus_config,
+    forked_children,
     make_corpus,
+    nothing_left_running,
     prepare_corpus,
     run_mt,
     running_processes,
@@ -184,14 +185,9 @@ def test_workers_die_with_a_killedprepare_corpus(tmp_path, mt_env):
     argv = [sys.executable, "-m", "mt", "prepare", str(corpus_config(tmp_path, corpus)), "data.num_proc=2"]
     proc = subprocess.Popen(argv, cwd=tmp_path, env=mt_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    children = Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children"  # its main thread's
-    try:
+    with nothing_left_running(proc, argv):
         # Encoding forks two workers, which would wait for work forever if their parent is killed.
-        forked: list[str] = []
-        deadline = time.monotonic() + 120
-        while len(forked) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-            forked = children.read_text().split()  # cheap, and encoding lasts a moment only
+        forked = forked_children(proc, 2, timeout=120)
         assert len(forked) >= 2, f"no workers seen (prepare's exit status: {proc.poll()})"
         proc.kill()
         proc.wait()
@@ -199,12 +195,6 @@ def test_workers_die_with_a_killedprepare_corpus(tmp_path, mt_env):
         while running_processes(argv) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not running_processes(argv), "workers outlived their parent"
-    finally:  # a failed run must not leave processes behind either
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in running_processes(argv):
-            os.kill(pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- bounded memory

@@ -21,6 +21,8 @@ from helpers import (
     REPO,
     build_checkpoint,
     error_line,
+    forked_children,
+    nothing_left_running,
     one_thread,
     run_mt,
     running_processes,
@@ -488,13 +490,8 @@ def test_sigterm_while_decoder_processes_run_ends_them_and_cleans_up(tmp_path, m
     proc = subprocess.Popen(
         argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    children = Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children"  # its main thread's
-    try:
-        forked: list[str] = []
-        deadline = time.monotonic() + 60
-        while len(forked) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-            forked = children.read_text().split()
+    with nothing_left_running(proc, argv):
+        forked = forked_children(proc, 2, timeout=60)
         assert len(forked) >= 2, f"no decoder processes seen (exit status: {proc.poll()})"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -503,12 +500,6 @@ def test_sigterm_while_decoder_processes_run_ends_them_and_cleans_up(tmp_path, m
         assert out.read_bytes() == b"precious\n"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
         assert not running_processes(argv), "decoder processes outlived the run"
-    finally:  # a failed run must not leave processes behind either
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in running_processes(argv):
-            os.kill(pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- --alignment
